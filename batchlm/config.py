@@ -1,0 +1,46 @@
+"""Engine configuration: frozen dataclasses, validated at construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "smollm2-135m-instruct"
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    kv_cache_dtype: str = "auto"  # auto: same as dtype
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_model_len: int | None = None  # None: the model's own limit (capped at 8192)
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int | None = None  # per-step token budget; None: device default
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    kv_cache_memory: int | None = None  # bytes for the KV cache (CPU); None: device default
+    gpu_memory_utilization: float = 0.9
+    seed: int = 0
+    attention_backend: str = "auto"
+    quantization: str | None = None
+
+    def __post_init__(self):
+        def bad(name, allowed):
+            raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            bad("dtype", "one of auto, float32, bfloat16, float16")
+        if self.kv_cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            bad("kv_cache_dtype", "one of auto, float32, bfloat16, float16")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            bad("max_model_len", ">= 1")
+        if self.max_num_seqs < 1:
+            bad("max_num_seqs", ">= 1")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            bad("max_num_batched_tokens", ">= 1")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            bad("block_size", "a power of two")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            bad("kv_cache_memory", "> 0 bytes")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            bad("gpu_memory_utilization", "in (0, 1]")
+        if self.quantization not in (None, "none"):
+            bad("quantization", "None (quantization is not built yet)")
