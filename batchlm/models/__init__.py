@@ -13,3 +13,7 @@ Contract (what the engine relies on)
   vocab] float32`.
 - `kv_cache_shape(config) -> (num_layers, num_kv_heads, head_dim)`.
 """
+from batchlm.models.loader import LoadedModel, kv_cache_shape, load_model
+from batchlm.models.registry import get_model_class
+
+__all__ = ["LoadedModel", "get_model_class", "kv_cache_shape", "load_model"]

@@ -1,0 +1,237 @@
+"""Decoder-only Llama-family models over a flat batch of tokens: Llama (1/2/3,
+SmolLM2), Mistral, Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm).
+
+Contract
+--------
+`Cls(hf_config, attention_backend, dtype)`; the backend follows
+batchlm.kernels.attention (`forward(q, k, v, k_cache, v_cache, meta, scale)`)
+and is held by the module, never looked up globally.
+- `forward(input_ids [T] int64, positions [T] int64, kv_caches, meta) -> hidden
+  [T, hidden_size]` (after the final norm); `kv_caches[i] = (k_cache, v_cache)`
+  of layer i, each `[num_blocks, block_size, num_kv_heads, head_dim]`.
+- `compute_logits(hidden [N, hidden_size]) -> [N, vocab] float32`.
+- `load_weights(named_tensors)` takes HF checkpoint names (`model.layers.0.
+  self_attn.q_proj.weight`, ...), fuses q/k/v into `qkv_proj` and gate/up into
+  `gate_up_proj`, skips `lm_head.weight` when embeddings are tied, and raises
+  if a parameter is left unloaded.
+
+It knows nothing about requests, sampling or how the cache blocks are chosen.
+
+NOTE: Mistral/Qwen sliding-window attention is not implemented: results are
+exact only while every sequence is at most `sliding_window` tokens long (true
+whenever max_model_len <= sliding_window, e.g. 4096 for Mistral 7B v0.1;
+Mistral v0.2+ and Qwen2/3 ship with the window disabled).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from batchlm.models.rope import RotaryEmbedding
+
+_HAS_RMS_NORM = hasattr(F, "rms_norm")
+
+
+class RMSNorm(nn.Module):
+    """HF Llama RMSNorm: normalize in float32, cast back, then scale."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        if _HAS_RMS_NORM:
+            normed = F.rms_norm(x32, (x32.shape[-1],), eps=self.eps)
+        else:
+            normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(dtype)
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class Attention(nn.Module):
+    def __init__(self, config, attention_backend, qkv_bias: bool, o_bias: bool, qk_norm: bool,
+                 rotary: RotaryEmbedding):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = head_dim_of(config)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.rotary = rotary  # shared by all layers
+        self.attn = attention_backend
+
+    def forward(self, x, positions, kv_cache, meta):
+        T = x.shape[0]
+        qkv = self.qkv_proj(x)  # [T, q_size + 2 * kv_size]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)  # [T, H, D]
+        k = k.view(T, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
+        v = v.view(T, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
+        return self.o_proj(out.reshape(T, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        bias = bool(getattr(config, "mlp_bias", False))
+        self.inter = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.inter, bias=bias)
+        self.down_proj = nn.Linear(self.inter, config.hidden_size, bias=bias)
+        act = getattr(config, "hidden_act", "silu")
+        self.act = F.silu if act == "silu" else ACT2FN[act]
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)  # [T, inter] each
+        return self.down_proj(self.act(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, attention_backend, rotary, qkv_bias, o_bias, qk_norm):
+        super().__init__()
+        self.self_attn = Attention(config, attention_backend, qkv_bias, o_bias, qk_norm, rotary)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, h, positions, kv_cache, meta):
+        h = h + self.self_attn(self.input_layernorm(h), positions, kv_cache, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config, attention_backend, dtype, qkv_bias, o_bias, qk_norm):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # NOTE: one table shared by every layer (it holds no parameters or buffers).
+        rotary = RotaryEmbedding(config, head_dim_of(config), dtype)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, attention_backend, rotary, qkv_bias, o_bias, qk_norm)
+            for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids, positions, kv_caches, meta):
+        h = self.embed_tokens(input_ids)  # [T, hidden]
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            h = layer(h, positions, kv_cache, meta)
+        return self.norm(h)
+
+
+class LlamaForCausalLM(nn.Module):
+    # Per-family switches (subclasses override).
+    qk_norm = False
+
+    def qkv_bias(self, config) -> bool:
+        return bool(getattr(config, "attention_bias", False))
+
+    def o_bias(self, config) -> bool:
+        return bool(getattr(config, "attention_bias", False))
+
+    def __init__(self, config, attention_backend, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.config = config
+        self.dtype = dtype
+        self.model = LlamaModel(config, attention_backend, dtype, self.qkv_bias(config),
+                                self.o_bias(config), self.qk_norm)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.to(dtype)
+
+    @torch.inference_mode()
+    def forward(self, input_ids, positions, kv_caches, meta):
+        return self.model(input_ids, positions, kv_caches, meta)  # [T, hidden]
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()  # [N, vocab]
+
+    # ---- weights -------------------------------------------------------
+    # HF sub-name -> (fused parameter, shard index)
+    _fused = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+    def _shard_offsets(self, fused: str) -> list[int]:
+        a = self.model.layers[0].self_attn
+        if fused == "qkv_proj":
+            return [0, a.q_size, a.q_size + a.kv_size, a.q_size + 2 * a.kv_size]
+        inter = self.model.layers[0].mlp.inter
+        return [0, inter, 2 * inter]
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: some checkpoints store the copy anyway
+            target, rows = name, None
+            parts = name.split(".")
+            if len(parts) >= 2 and parts[-2] in self._fused:
+                fused, idx = self._fused[parts[-2]]
+                offs = self._shard_offsets(fused)
+                target = ".".join(parts[:-2] + [fused, parts[-1]])
+                rows = (offs[idx], offs[idx + 1])
+            param = params.get(target)
+            if param is None:
+                raise ValueError(f"unexpected weight {name!r} for {type(self).__name__}")
+            dest = param if rows is None else param[rows[0]:rows[1]]
+            if dest.shape != tensor.shape:
+                raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(dest.shape)}")
+            dest.copy_(tensor)
+            loaded.add(name if rows is None else f"{target}#{rows[0]}")
+        missing = []
+        for pname, param in params.items():
+            if pname.rsplit(".", 1)[0].split(".")[-1] in ("qkv_proj", "gate_up_proj"):
+                offs = self._shard_offsets(pname.split(".")[-2])
+                missing += [f"{pname}#{o}" for o in offs[:-1] if f"{pname}#{o}" not in loaded]
+            elif pname not in loaded:
+                missing.append(pname)
+        if missing:
+            raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:8])}"
+                             + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    pass
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    def qkv_bias(self, config) -> bool:
+        return True
+
+    def o_bias(self, config) -> bool:
+        return False
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    qk_norm = True

@@ -1,0 +1,98 @@
+"""`load_model`: from a model string to a ready batchlm module and its tokenizer.
+
+Contract
+--------
+`load_model(model, dtype, device, attention) -> LoadedModel`:
+1. resolves `model` to a local HF-format directory (batchlm.models.resolve:
+   short name, directory, or .gguf converted once and cached);
+2. finds its safetensors (pickle-only directories are refused, ValueError);
+3. reads `config.json` with transformers (never trust_remote_code) and picks
+   the class through batchlm.models.registry;
+4. builds the module on the meta device, materializes it on `device` without
+   initializing, and copies the checkpoint tensors in (cast to `dtype`);
+5. loads the HF fast tokenizer (None if the directory has no tokenizer files).
+The module is returned in eval mode with gradients off.
+
+`dtype`: a torch.dtype, or "auto"/None for the checkpoint's own dtype
+(`config.dtype`, float32 when unknown, e.g. dequantized GGUF).
+
+`kv_cache_shape(config) -> (num_layers, num_kv_heads, head_dim)`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from batchlm.models.registry import get_model_class
+from batchlm.models.resolve import resolve_model
+from batchlm.models.weights import iter_weights, safetensors_files
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+@dataclass
+class LoadedModel:
+    module: torch.nn.Module
+    tokenizer: Any  # transformers PreTrainedTokenizerFast, or None
+    hf_config: Any  # transformers PretrainedConfig
+    model_dir: Path
+    name: str
+    dtype: torch.dtype
+
+
+def kv_cache_shape(config) -> tuple[int, int, int]:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+def resolve_dtype(config, dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if isinstance(found, str):
+            found = getattr(torch, found, None)
+        return found if isinstance(found, torch.dtype) and found.is_floating_point else torch.float32
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        return getattr(torch, dtype)
+    raise ValueError(f"dtype must be a torch dtype, a dtype name or 'auto', got {dtype!r}")
+
+
+def load_config(model_dir: Path):
+    from transformers import AutoConfig
+
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {model_dir}")
+    try:
+        return AutoConfig.from_pretrained(str(model_dir))
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"cannot read model config in {model_dir}: {e}") from e
+
+
+def load_tokenizer(model_dir: Path):
+    if not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def load_model(model: str, dtype: torch.dtype | str | None, device: torch.device | str,
+               attention) -> LoadedModel:
+    model_dir, name = resolve_model(str(model))
+    files = safetensors_files(model_dir)
+    config = load_config(model_dir)
+    cls = get_model_class(config)
+    dtype = resolve_dtype(config, dtype)
+    device = torch.device(device)
+    with torch.device("meta"):
+        module = cls(config, attention, dtype)
+    module.to_empty(device=device)
+    module.load_weights(iter_weights(files))
+    module.eval().requires_grad_(False)
+    return LoadedModel(module=module, tokenizer=load_tokenizer(model_dir), hf_config=config,
+                       model_dir=model_dir, name=name, dtype=dtype)

@@ -1,0 +1,87 @@
+"""Rotary position embeddings as a precomputed cos/sin table indexed by position.
+
+Contract
+--------
+`RotaryEmbedding(hf_config, dtype)` reads the rope settings of an HF config
+(transformers 5 `rope_parameters`, or the older `rope_theta` + `rope_scaling`)
+and builds `cos, sin: [max_positions, rot_dim / 2]` once, on the CPU, in
+`dtype`. `forward(positions [T], q [T, H, D], k [T, KVH, D]) -> (q, k)` rotates
+the first `rot_dim` features of every head (the "rotate half" convention of HF
+Llama), with no Python loop over tokens.
+
+Frequencies come from transformers' `ROPE_INIT_FUNCTIONS` (linear, dynamic,
+yarn, longrope, llama3, ...), so each rope type matches HF exactly, including
+the `attention_scaling` factor folded into cos/sin.
+
+NOTE: the table is a plain attribute, not a buffer: the loader builds modules
+on the meta device and `to_empty()`s them, which would wipe buffers. It moves
+itself to the device of `positions` on first use.
+NOTE: "dynamic" NTK scaling is evaluated once, at `max_position_embeddings`
+(i.e. unscaled inside the original context); HF re-derives it per batch from
+the longest sequence, which a per-token table cannot do.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rope_parameters(config) -> dict:
+    """The rope settings of `config` as one dict with at least rope_theta and rope_type."""
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict) and "rope_theta" in params:
+        out = dict(params)
+    else:  # transformers 4 style
+        out = dict(getattr(config, "rope_scaling", None) or {})
+        out["rope_theta"] = getattr(config, "rope_theta", 10000.0)
+    out["rope_type"] = out.get("rope_type", out.get("type", "default")) or "default"
+    return out
+
+
+def _inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float]:
+    params = rope_parameters(config)
+    rope_type = params["rope_type"]
+    if rope_type == "default":
+        dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+        base = params["rope_theta"]
+        inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        return inv, 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"unsupported rope_type {rope_type!r}; known: "
+                         f"default, {', '.join(sorted(ROPE_INIT_FUNCTIONS))}")
+    inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, device=torch.device("cpu"))
+    return inv.float(), float(scaling)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config, head_dim: int, dtype: torch.dtype, max_positions: int | None = None):
+        super().__init__()
+        # NOTE: force CPU even inside a `torch.device("meta")` construction context.
+        with torch.device("cpu"):
+            inv_freq, scaling = _inv_freq(config, head_dim)  # [rot_dim / 2]
+            n = max_positions or getattr(config, "max_position_embeddings", None) or 8192
+            freqs = torch.outer(torch.arange(n, dtype=torch.int64).float(), inv_freq)  # [n, rot_dim/2]
+            self.cos = (freqs.cos() * scaling).to(dtype)
+            self.sin = (freqs.sin() * scaling).to(dtype)
+        self.rot_dim = 2 * inv_freq.numel()
+        self.head_dim = head_dim
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x: [T, heads, D]; cos, sin: [T, 1, rot_dim / 2]
+        half = self.rot_dim // 2
+        x1 = x[..., :half]
+        x2 = x[..., half:self.rot_dim]
+        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        if self.rot_dim == self.head_dim:
+            return rotated
+        return torch.cat((rotated, x[..., self.rot_dim:]), dim=-1)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        if self.cos.device != positions.device:
+            self.cos = self.cos.to(positions.device)
+            self.sin = self.sin.to(positions.device)
+        cos = self.cos[positions].unsqueeze(1)  # [T, 1, rot_dim / 2]
+        sin = self.sin[positions].unsqueeze(1)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
