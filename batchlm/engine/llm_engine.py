@@ -1,0 +1,263 @@
+"""LLMEngine: requests in, outputs out, one `step()` at a time.
+
+The step is three moves: schedule (which sequences, how many tokens), run
+(model forward over the flat batch, logits for the rows that need them),
+postprocess (sample, append, stop, free). Streaming consumers (the pipeline)
+drive it through add_request / step / has_unfinished_requests /
+abort_request; `batchlm.LLM` wraps it for whole batches.
+
+Bad requests never raise out of `step`: a request that cannot run (empty
+prompt, prompt longer than max_model_len, larger than the whole KV cache)
+comes back finished with `error` set, and the rest of the batch goes on.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from batchlm.config import EngineConfig
+from batchlm.engine.block_manager import BlockManager
+from batchlm.engine.device import EngineResources, resolve_resources
+from batchlm.engine.model_runner import ModelRunner
+from batchlm.engine.output_processor import OutputProcessor, Request, ScoreOutput
+from batchlm.engine.scheduler import Scheduler
+from batchlm.engine.sequence import Sequence
+from batchlm.kernels import get_attention_backend
+from batchlm.models import kv_cache_shape, load_model
+from batchlm.outputs import RequestOutput
+from batchlm.sampling import Sampler, SamplingRow, prompt_logprobs, token_logprobs
+from batchlm.sampling_params import SamplingParams
+
+_NO_MORE_LOGITS = 1 << 62
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        device, dtype, kv_dtype = resolve_resources(config)
+        self.device = device
+        attention = get_attention_backend(device, config.attention_backend)
+        loaded = load_model(config.model, dtype, device, attention)
+        self.model = loaded.module
+        self.tokenizer = loaded.tokenizer
+        self.hf_config = loaded.hf_config
+        self.model_dir = loaded.model_dir
+        self.dtype = dtype
+        limit = getattr(self.hf_config, "max_position_embeddings", None) or 8192
+        self.max_model_len = config.max_model_len or min(limit, 8192)
+        num_layers, kv_heads, head_dim = kv_cache_shape(self.hf_config)
+        res: EngineResources = EngineResources.plan(
+            config, device, kv_dtype, ModelRunner.bytes_per_block(
+                num_layers, kv_heads, head_dim, config.block_size, kv_dtype))
+        self.block_manager = BlockManager(res.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, res.max_num_batched_tokens,
+                                   config.enable_chunked_prefill)
+        self.max_num_batched_tokens = res.max_num_batched_tokens
+        self.runner = ModelRunner(self.model, num_layers, kv_heads, head_dim, res.num_blocks,
+                                  config.block_size, kv_dtype, device)
+        self.sampler = Sampler(self.hf_config.vocab_size, device, seed=config.seed)
+        self.eos_token_ids = _eos_ids(self.hf_config, self.tokenizer, self.model_dir)
+        self.output = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
+        self.requests: dict[str, Request] = {}
+        self._ready: list = []  # outputs of requests rejected at admission
+        self._arrival = itertools.count()
+        self._seq_ids = itertools.count()
+
+    # ---- requests ----------------------------------------------------------
+    def tokenize(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+
+    def add_request(self, request_id: str, prompt: str | list[int] | None,
+                    params: SamplingParams | None = None, prompt_token_ids: list[int] | None = None) -> None:
+        params = params or SamplingParams()
+        text, ids = self._prompt_ids(prompt, prompt_token_ids)
+        req = Request(request_id, text, ids, params)
+        self._register(req)
+        if params.truncate_prompt_tokens is not None and len(ids) > params.truncate_prompt_tokens:
+            req.prompt_token_ids = ids = ids[-params.truncate_prompt_tokens:]
+        error = self._check_length(ids, 1 if params.max_tokens is None else params.max_tokens)
+        if error:
+            req.error = error
+            self._ready.append(self.output.request_output(req))
+            del self.requests[request_id]
+            return
+        lead = None
+        for i in range(params.n):
+            seq = self._new_seq(req, i, ids, params)
+            seq.logits_from = 0 if params.prompt_logprobs is not None and i == 0 else len(ids) - 1
+            if params.seed is not None:
+                seq.generator = torch.Generator(device=self.device).manual_seed(params.seed + i)
+            if lead is not None and self.config.enable_prefix_caching:
+                seq.wait_for = lead
+            lead = lead or seq
+
+    def add_score_request(self, request_id: str, prompt_token_ids: list[int],
+                          continuations: list[list[int]]) -> None:
+        """Score each continuation's log-likelihood after the prompt. The
+        prompt is computed once: the other continuations wait for the first
+        and reuse its blocks through the prefix cache."""
+        req = Request(request_id, None, list(prompt_token_ids), SamplingParams(max_tokens=1),
+                      continuation_lens=[len(c) for c in continuations])
+        self._register(req)
+        longest = max((len(c) for c in continuations), default=0)
+        error = self._check_length(prompt_token_ids, longest) or (
+            "every label must have at least one token" if any(not c for c in continuations) else None)
+        if error:
+            req.error = error
+            self._ready.append(ScoreOutput(request_id, req.prompt_token_ids, [], error))
+            del self.requests[request_id]
+            return
+        req.scores = [0.0] * len(continuations)
+        lead = None
+        for i, cont in enumerate(continuations):
+            seq = self._new_seq(req, i, list(prompt_token_ids) + list(cont), req.params)
+            seq.score_only = True
+            seq.logits_from = len(prompt_token_ids) - 1
+            if lead is not None and self.config.enable_prefix_caching:
+                seq.wait_for = lead
+            lead = lead or seq
+
+    def _prompt_ids(self, prompt, prompt_token_ids):
+        if prompt_token_ids is not None:
+            return (prompt if isinstance(prompt, str) else None), list(prompt_token_ids)
+        if isinstance(prompt, str):
+            return prompt, (self.tokenize(prompt) if prompt else [])
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise TypeError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def _register(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in the engine")
+        self.requests[req.request_id] = req
+
+    def _check_length(self, ids: list[int], new_tokens: int) -> str | None:
+        if not ids:
+            return "the prompt is empty"
+        if len(ids) > self.max_model_len:
+            return (f"the prompt has {len(ids)} tokens, more than max_model_len={self.max_model_len} "
+                    f"(set truncate_prompt_tokens to truncate it)")
+        need = self.block_manager.blocks_needed(min(len(ids) + new_tokens, self.max_model_len))
+        if need > self.block_manager.num_blocks:
+            return (f"the request needs {need} KV-cache blocks but the cache holds only "
+                    f"{self.block_manager.num_blocks}: raise kv_cache_memory")
+        return None
+
+    def _new_seq(self, req: Request, index: int, ids: list[int], params) -> Sequence:
+        seq = Sequence(next(self._seq_ids), req.request_id, index, ids, params, next(self._arrival))
+        req.seqs.append(seq)
+        self.scheduler.add(seq)
+        return seq
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is not None:
+            for seq in req.seqs:
+                self.scheduler.finish(seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or bool(self._ready)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests) + len(self._ready)
+
+    # ---- the step ------------------------------------------------------------
+    def step(self) -> list[RequestOutput | ScoreOutput]:
+        """Run one scheduling step; return the requests that finished in it."""
+        finished, self._ready = self._ready, []
+        sched = self.scheduler.schedule()
+        if not sched:
+            return finished
+        run = self.runner.run(sched.scheduled)
+        rows, sample_seqs, prompt_rows = self._logit_rows(run.layout)
+        logits = self.runner.logits(run.hidden, rows) if rows else None
+        self.scheduler.update_after_step(sched)
+        touched = set()
+        n_sample = len(sample_seqs)
+        if n_sample:
+            self._sample(sample_seqs, logits[:n_sample])
+            touched.update(s.request_id for s in sample_seqs)
+        offset = n_sample
+        for seq, lo, hi in prompt_rows:
+            self._prompt_scores(seq, lo, hi, logits[offset:offset + hi - lo])
+            offset += hi - lo
+        for seq, _, _ in run.layout:
+            if seq.score_only and seq.prompt_done and not seq.is_finished:
+                self.scheduler.finish(seq, "score")
+                touched.add(seq.request_id)
+            elif seq.prompt_done:
+                seq.logits_from = _NO_MORE_LOGITS  # prompt logprobs are in: never recompute them
+        for rid in touched:
+            req = self.requests.get(rid)
+            if req is not None and req.finished:
+                del self.requests[rid]
+                finished.append(self._final_output(req))
+        return finished
+
+    def _logit_rows(self, layout):
+        """Which rows of the step's hidden states need logits: first the last
+        token of every sequence that is now fully computed (to sample), then
+        the prompt positions whose logprobs are wanted."""
+        rows, sample_seqs, prompt_rows = [], [], []
+        for seq, n, start in layout:
+            c = seq.num_computed_tokens
+            if c + n == seq.num_tokens and not seq.score_only:
+                rows.append(start + n - 1)
+                sample_seqs.append(seq)
+        for seq, n, start in layout:
+            c = seq.num_computed_tokens
+            lo, hi = max(c, seq.logits_from), min(c + n, seq.num_prompt_tokens - 1)
+            if hi > lo:
+                rows.extend(range(start + lo - c, start + hi - c))
+                prompt_rows.append((seq, lo, hi))
+        return rows, sample_seqs, prompt_rows
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        batch = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator,
+                             self.eos_token_ids) for s in seqs]
+        out = self.sampler(logits, batch)
+        for i, (seq, token) in enumerate(zip(seqs, out.token_ids)):
+            seq.append_token(token)
+            lp = out.logprobs[i]
+            if lp is not None:
+                seq.logprobs.append(lp)
+                seq.cumulative_logprob += lp[token]
+            stop = self.output.check_stop(seq, token)
+            if stop is not None:
+                self.scheduler.finish(seq, *stop)
+
+    def _prompt_scores(self, seq: Sequence, lo: int, hi: int, logits: torch.Tensor) -> None:
+        targets = seq.token_ids[lo + 1:hi + 1]
+        if seq.score_only:
+            req = self.requests[seq.request_id]
+            req.scores[seq.index] += sum(token_logprobs(logits, targets))
+        else:
+            seq.prompt_logprobs.extend(prompt_logprobs(logits, targets, seq.params.prompt_logprobs))
+
+    def _final_output(self, req: Request):
+        if req.continuation_lens is not None:
+            return ScoreOutput(req.request_id, req.prompt_token_ids, list(req.scores))
+        return self.output.request_output(req)
+
+    # ---- stats -------------------------------------------------------------------
+    def prefix_cache_hit_rate(self) -> float:
+        bm = self.block_manager
+        return bm.hit_tokens / bm.query_tokens if bm.query_tokens else 0.0
+
+
+def _eos_ids(hf_config, tokenizer, model_dir) -> frozenset[int]:
+    ids: set[int] = set()
+    sources = [getattr(hf_config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)]
+    try:
+        from transformers import GenerationConfig
+
+        sources.append(GenerationConfig.from_pretrained(model_dir).eos_token_id)
+    except (OSError, ValueError):
+        pass
+    for src in sources:
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, (list, tuple)):
+            ids.update(int(t) for t in src)
+    return frozenset(ids)

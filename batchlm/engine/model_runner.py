@@ -1,0 +1,102 @@
+"""Model runner: scheduled sequences in, hidden states (and logits) out.
+
+It owns the model and the paged KV cache tensors, and turns the scheduler's
+plain list of (sequence, num_tokens) into the flat token batch and the
+AttentionMetadata the attention backend needs. It knows nothing about
+sampling, stopping or requests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from batchlm.kernels.attention import AttentionMetadata
+
+
+@dataclass
+class RunResult:
+    hidden: torch.Tensor  # [T, hidden_size]
+    # (sequence, num_tokens, row of its first token in `hidden`), batch order
+    layout: list[tuple[object, int, int]]
+
+
+class ModelRunner:
+    def __init__(self, model, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int,
+                 block_size: int, kv_dtype: torch.dtype, device: torch.device):
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        # One (key, value) pair of [num_blocks, block_size, KVH, D] per layer.
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=kv_dtype, device=device), torch.zeros(shape, dtype=kv_dtype, device=device))
+            for _ in range(num_layers)
+        ]
+
+    @staticmethod
+    def bytes_per_block(num_layers, num_kv_heads, head_dim, block_size, kv_dtype: torch.dtype) -> int:
+        elem = torch.tensor([], dtype=kv_dtype).element_size()
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * elem
+
+    def _prepare(self, scheduled):
+        # NOTE: decodes (one query token) first, then longer chunks: the
+        # attention backend relies on this order.
+        order = sorted(scheduled, key=lambda sn: sn[1] != 1)
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        query_lens: list[int] = []
+        tables: list[list[int]] = []
+        layout = []
+        num_decodes = 0
+        for seq, n in order:
+            c = seq.num_computed_tokens
+            layout.append((seq, n, len(input_ids)))
+            if n == 1:
+                num_decodes += 1
+                input_ids.append(seq.token_ids[c])
+                positions.append(c)
+                slots.append(seq.block_table[c // bs] * bs + c % bs)
+            else:
+                input_ids.extend(seq.token_ids[c:c + n])
+                rng = range(c, c + n)
+                positions.extend(rng)
+                table = seq.block_table
+                slots.extend([table[p // bs] * bs + p % bs for p in rng])
+            seq_lens.append(c + n)
+            query_lens.append(n)
+            tables.append(seq.block_table)
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        dev = self.device
+        qsl = [0]
+        for n in query_lens:
+            qsl.append(qsl[-1] + n)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_tables=torch.tensor(padded, dtype=torch.long, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=dev),
+            query_start_loc=torch.tensor(qsl, dtype=torch.long, device=dev),
+            num_decodes=num_decodes,
+            seq_lens_list=seq_lens,
+            query_lens_list=query_lens,
+            block_size=bs,
+        )
+        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        return ids, pos, meta, layout
+
+    @torch.inference_mode()
+    def run(self, scheduled) -> RunResult:
+        ids, pos, meta, layout = self._prepare(scheduled)
+        hidden = self.model(ids, pos, self.kv_caches, meta)  # [T, hidden]
+        return RunResult(hidden, layout)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """[len(rows), vocab] float32 logits of the chosen rows of `hidden`."""
+        idx = torch.tensor(rows, dtype=torch.long, device=hidden.device)
+        return self.model.compute_logits(hidden.index_select(0, idx)).float()

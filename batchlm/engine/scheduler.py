@@ -1,0 +1,153 @@
+"""Scheduler: which sequences run this step, and how many tokens each.
+
+Plain Python, no torch. There is no prefill or decode phase: each sequence
+has `num_computed_tokens` and `num_tokens`, and each step hands out a token
+budget (`max_num_batched_tokens`). That covers chunked prefill (a long prompt
+takes several steps), prefix caching (cached tokens count as computed) and,
+later, speculative decoding (a sequence may be scheduled for several tokens).
+
+Order of a step:
+1. Running sequences, oldest first, each gets what it still needs (one token
+   for a decode, the rest of its prompt, capped by the budget). When blocks run
+   out, the newest running sequence is preempted (blocks freed, computed
+   tokens reset: it is recomputed later, prompt and generated tokens alike,
+   so nothing is lost and greedy output is unchanged).
+2. Waiting sequences, first come first served, while budget, `max_num_seqs`
+   and blocks last (none are admitted in a step that preempted).
+
+The output is a plain list of (sequence, num_tokens); the model runner turns
+it into tensors.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from batchlm.engine.block_manager import BlockManager
+from batchlm.engine.sequence import Sequence, SeqStatus
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+    def __bool__(self) -> bool:
+        return bool(self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int,
+                 max_num_batched_tokens: int, enable_chunked_prefill: bool = True):
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    # ---- bookkeeping -----------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
+        """Mark `seq` finished and give its blocks back (idempotent)."""
+        if seq.status is SeqStatus.FINISHED:
+            return
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        self.bm.free(seq)
+
+    # ---- the step ----------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        for seq in list(self.running):
+            if budget <= 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:  # preempted below, this step
+                continue
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n <= 0:
+                continue
+            while not self.bm.allocate(seq, seq.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            out.scheduled.append((seq, n))
+            budget -= n
+        if out.preempted:
+            return out
+        skipped: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if seq.wait_for is not None:
+                if seq.wait_for.is_finished or seq.wait_for.prompt_done:
+                    seq.wait_for = None
+                else:  # let its twin fill the prefix cache first
+                    skipped.append(self.waiting.popleft())
+                    continue
+            cached: list[int] = []
+            if seq.num_computed_tokens == 0 and not seq.block_table:
+                # Logits are needed from position `logits_from` on, so that
+                # token must be computed in this run; so must the last token.
+                limit = min(seq.logits_from, seq.num_tokens - 1)
+                cached = self.bm.find_cached_prefix(seq.token_ids, limit)
+            computed = len(cached) * self.bm.block_size if cached else seq.num_computed_tokens
+            n = min(seq.num_tokens - computed, budget)
+            if n < seq.num_tokens - computed and not self.enable_chunked_prefill:
+                break
+            if not self.bm.allocate(seq, computed + n, cached):
+                if not self.running and not out.scheduled:
+                    raise RuntimeError(
+                        f"request {seq.request_id!r} needs {self.bm.blocks_needed(computed + n)} KV blocks "
+                        f"but the cache has only {self.bm.num_free_blocks} free of {self.bm.num_blocks}")
+                break
+            self.waiting.popleft()
+            if cached:
+                seq.num_computed_tokens = computed
+                seq.num_cached_tokens = max(seq.num_cached_tokens, computed)
+                self.bm.query_tokens += seq.num_prompt_tokens
+                self.bm.hit_tokens += computed
+            elif seq.num_computed_tokens == 0:
+                self.bm.query_tokens += seq.num_prompt_tokens
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append((seq, n))
+            budget -= n
+        self.waiting.extendleft(reversed(skipped))
+        return out
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.bm.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SeqStatus.WAITING
+        seq.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def update_after_step(self, out: SchedulerOutput) -> None:
+        """Advance the counters of what ran and publish full blocks to the cache."""
+        for seq, n in out.scheduled:
+            seq.num_computed_tokens += n
+            self.bm.cache_full_blocks(seq, seq.num_computed_tokens)
