@@ -49,6 +49,7 @@ class Scheduler:
         self.enable_chunked_prefill = enable_chunked_prefill
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0  # total, for tests and reporting
 
     # ---- bookkeeping -----------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -144,6 +145,7 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.status = SeqStatus.WAITING
         seq.preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
     def update_after_step(self, out: SchedulerOutput) -> None:
