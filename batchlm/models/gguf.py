@@ -69,6 +69,7 @@ def gguf_to_hf_dir(path: str | os.PathLike) -> Path:
     try:
         log.info("converting %s into %s (once)", path, final)
         _convert(path, tmp)
+        _make_shareable(tmp)
         try:
             os.rename(tmp, final)
         except OSError:  # another process won the race
@@ -77,6 +78,15 @@ def gguf_to_hf_dir(path: str | os.PathLike) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _make_shareable(directory: Path) -> None:
+    """mkdtemp makes 0700; give the cache the permissions of an ordinary mkdir."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for f in directory.iterdir():
+        os.chmod(f, 0o666 & ~umask)
 
 
 def _convert(path: Path, out: Path) -> None:
