@@ -77,7 +77,7 @@ class Attention(nn.Module):
         self.rotary = rotary  # shared by all layers
         self.attn = attention_backend
 
-    def forward(self, x, positions, kv_cache, meta):
+    def forward(self, x, rope, kv_cache, meta):
         T = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, q_size + 2 * kv_size]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -87,7 +87,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        q = self.rotary.apply(q, *rope)
+        k = self.rotary.apply(k, *rope)
         out = self.attn.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
         return self.o_proj(out.reshape(T, self.q_size))
 
@@ -117,8 +118,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, h, positions, kv_cache, meta):
-        h = h + self.self_attn(self.input_layernorm(h), positions, kv_cache, meta)
+    def forward(self, h, rope, kv_cache, meta):
+        h = h + self.self_attn(self.input_layernorm(h), rope, kv_cache, meta)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -128,6 +129,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         # NOTE: one table shared by every layer (it holds no parameters or buffers).
         rotary = RotaryEmbedding(config, head_dim_of(config), dtype)
+        self.rotary = rotary
         self.layers = nn.ModuleList(
             DecoderLayer(config, attention_backend, rotary, qkv_bias, o_bias, qk_norm)
             for _ in range(config.num_hidden_layers))
@@ -135,8 +137,9 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches, meta):
         h = self.embed_tokens(input_ids)  # [T, hidden]
+        rope = self.rotary.lookup(positions)  # cos, sin: [T, 1, rot_dim / 2]
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            h = layer(h, positions, kv_cache, meta)
+            h = layer(h, rope, kv_cache, meta)
         return self.norm(h)
 
 

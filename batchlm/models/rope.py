@@ -5,9 +5,10 @@ Contract
 `RotaryEmbedding(hf_config, dtype)` reads the rope settings of an HF config
 (transformers 5 `rope_parameters`, or the older `rope_theta` + `rope_scaling`)
 and builds `cos, sin: [max_positions, rot_dim / 2]` once, on the CPU, in
-`dtype`. `forward(positions [T], q [T, H, D], k [T, KVH, D]) -> (q, k)` rotates
-the first `rot_dim` features of every head (the "rotate half" convention of HF
-Llama), with no Python loop over tokens.
+`dtype`. `lookup(positions [T]) -> (cos, sin) [T, 1, rot_dim / 2]` (once per
+step), then `apply(x [T, heads, D], cos, sin)` rotates the first `rot_dim`
+features of every head (the "rotate half" convention of HF Llama), with no
+Python loop over tokens; `forward(positions, q, k)` does both.
 
 Frequencies come from transformers' `ROPE_INIT_FUNCTIONS` (linear, dynamic,
 yarn, longrope, llama3, ...), so each rope type matches HF exactly, including
@@ -68,7 +69,14 @@ class RotaryEmbedding(nn.Module):
         self.rot_dim = 2 * inv_freq.numel()
         self.head_dim = head_dim
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: [T, 1, rot_dim / 2] for positions [T]; done once per forward."""
+        if self.cos.device != positions.device:
+            self.cos = self.cos.to(positions.device)
+            self.sin = self.sin.to(positions.device)
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: [T, heads, D]; cos, sin: [T, 1, rot_dim / 2]
         half = self.rot_dim // 2
         x1 = x[..., :half]
@@ -79,9 +87,5 @@ class RotaryEmbedding(nn.Module):
         return torch.cat((rotated, x[..., self.rot_dim:]), dim=-1)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        if self.cos.device != positions.device:
-            self.cos = self.cos.to(positions.device)
-            self.sin = self.sin.to(positions.device)
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, rot_dim / 2]
-        sin = self.sin[positions].unsqueeze(1)
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        cos, sin = self.lookup(positions)
+        return self.apply(q, cos, sin), self.apply(k, cos, sin)
