@@ -24,6 +24,7 @@ Mistral v0.2+ and Qwen2/3 ship with the window disabled).
 """
 from __future__ import annotations
 
+import logging
 from typing import Iterable
 
 import torch
@@ -31,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from batchlm.models.rope import RotaryEmbedding
+
+log = logging.getLogger(__name__)
 
 _HAS_RMS_NORM = hasattr(F, "rms_norm")
 
@@ -157,6 +160,11 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.dtype = dtype
+        window = getattr(config, "sliding_window", None)
+        if window and window < getattr(config, "max_position_embeddings", 0):
+            log.warning("%s: sliding_window=%d is not implemented; outputs are exact only for "
+                        "sequences of at most %d tokens (set max_model_len <= %d)",
+                        type(self).__name__, window, window, window)
         self.model = LlamaModel(config, attention_backend, dtype, self.qkv_bias(config),
                                 self.o_bias(config), self.qk_norm)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
