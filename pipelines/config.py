@@ -1,0 +1,303 @@
+"""The job config: YAML in, a validated `JobConfig` out (pydantic lives only here).
+
+Contract
+--------
+- `load_config(path, overrides=()) -> JobConfig`. The file is read with
+  `yaml.safe_load`; `overrides` are `dotted.key=value` strings (the value is
+  parsed as YAML, so `--set sampling.max_tokens=64` gives an int); then every
+  `${ENV_VAR}` inside a string is replaced from the environment; then pydantic
+  validates with unknown keys forbidden and no type coercion. Any problem
+  raises ConfigError with the key's dotted path and a hint; values are never
+  echoed (they may be secrets).
+- The `model` and `sampling` sections are generated from the engine's own
+  dataclasses (EngineConfig, SamplingParams), so every engine option and every
+  sampling field is accepted by name and checked by the engine's own rules.
+- `result_fields(cfg)` is the part of the config that changes results; its
+  hash is stored in the output manifest so a resume with another config is
+  refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import re
+import typing
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+from batchlm.config import EngineConfig
+from batchlm.pipelines.errors import ConfigError
+from batchlm.sampling_params import SamplingParams
+
+DEFAULT_MODEL = EngineConfig.model
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class InputConfig(_Section):
+    format: Literal["parquet", "huggingface", "jsonl"]
+    path: str
+    split: str | None = None  # huggingface: which split (default: train, or the only one)
+    columns: list[str] | None = None  # read only these (default: all)
+    id_column: str | None = None  # default: a stable id "<file>#<row>"
+    limit: int | None = Field(None, ge=1)  # the first N rows, in file and row order
+    storage_options: dict[str, Any] = {}  # fsspec/s3fs options: endpoint_url, key, secret, ...
+
+
+class Label(_Section):
+    name: str
+    description: str | None = None
+
+
+class TaskConfig(_Section):
+    type: Literal["generate", "classify"] = "generate"
+    prompt: str  # Jinja template over the row's columns (sandboxed)
+    system: str | None = None  # system message (also a template), chat models only
+    chat_template: bool | None = None  # None: on when the model has a chat template
+    labels: list[Label] | None = None  # classify: names, optionally with descriptions
+    on_long_prompt: Literal["error", "truncate"] = "error"  # over max_model_len: record or keep the tail
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _names(cls, v):
+        return [{"name": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
+
+    @model_validator(mode="after")
+    def _labels_match_type(self):
+        if self.type == "classify" and (not self.labels or len(self.labels) < 2):
+            raise ValueError("task.labels: classify needs at least two labels")
+        if self.type == "generate" and self.labels:
+            raise ValueError("task.labels: only a classify task takes labels (set task.type: classify)")
+        if self.labels and len({lb.name for lb in self.labels}) != len(self.labels):
+            raise ValueError("task.labels: label names must be distinct")
+        return self
+
+
+def _dataclass_rules(section: str, build) -> None:
+    """Run a dataclass's own validation; restate its error under the YAML section."""
+    try:
+        build()
+    except (ValueError, TypeError) as e:
+        field, _, rest = str(e).removeprefix("SamplingParams.").partition(" ")
+        raise ValueError(f"{section}.{field}: {rest}") from None
+
+
+def _section_from_dataclass(name: str, cls, rename: dict[str, str]) -> type[BaseModel]:
+    hints = typing.get_type_hints(cls)
+    fields = {rename.get(f.name, f.name): (hints[f.name], f.default) for f in dataclasses.fields(cls)}
+    return create_model(name, __base__=_Section, **fields)
+
+
+# YAML `model.name` is EngineConfig.model (`model.model` would read badly).
+_ModelBase = _section_from_dataclass("ModelConfig", EngineConfig, {"model": "name"})
+_SamplingBase = _section_from_dataclass("SamplingConfig", SamplingParams, {})
+
+
+class ModelConfig(_ModelBase):
+    @model_validator(mode="after")
+    def _engine_rules(self):
+        _dataclass_rules("model", self.engine_kwargs)
+        return self
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `batchlm.LLM` (EngineConfig field names)."""
+        d = self.model_dump()
+        d["model"] = d.pop("name")
+        EngineConfig(**d)
+        return d
+
+
+class SamplingConfig(_SamplingBase):
+    @model_validator(mode="after")
+    def _sampling_rules(self):
+        if self.n != 1:
+            raise ValueError("sampling.n: the batch job writes one completion per row; use n: 1")
+        _dataclass_rules("sampling", self.params)
+        return self
+
+    def params(self) -> SamplingParams:
+        return SamplingParams(**self.model_dump())
+
+
+class Replicas(_Section):
+    min: int = Field(ge=1)
+    max: int = Field(ge=1)
+
+
+class ResourcesConfig(_Section):
+    replicas: Replicas = Replicas(min=1, max=1)  # engine actors: a number, or {min, max} to autoscale
+    gpus_per_replica: float = Field(0, ge=0)  # 0: run the engine on CPUs
+    cpus_per_replica: float = Field(1, gt=0)  # on CPU also the engine's thread count
+    batch_size: int = Field(256, ge=1)  # rows per engine call: keep continuous batching full
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _fixed(cls, v):
+        return {"min": v, "max": v} if isinstance(v, int) and not isinstance(v, bool) else v
+
+    def replica_range(self) -> tuple[int, int]:
+        return self.replicas.min, max(self.replicas.min, self.replicas.max)
+
+
+class OutputConfig(_Section):
+    path: str
+    rows_per_shard: int = Field(1000, ge=1)  # the unit of work, commit and resume
+    compression: Literal["zstd", "snappy", "gzip", "lz4", "brotli", "none"] = "zstd"
+    carry: list[str] = []  # input columns copied to the output
+    storage_options: dict[str, Any] = {}
+    on_error: Literal["record", "fail"] = "record"
+
+
+class JobConfig(_Section):
+    input: InputConfig
+    task: TaskConfig
+    model: ModelConfig = ModelConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    output: OutputConfig
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, v):
+        return {"name": v} if isinstance(v, str) else v
+
+
+# Engine options that change speed or memory, never the text produced.
+_PERF_ONLY_MODEL_FIELDS = {
+    "device", "max_num_seqs", "max_num_batched_tokens", "block_size", "enable_prefix_caching",
+    "enable_chunked_prefill", "kv_cache_memory", "gpu_memory_utilization", "attention_backend",
+}
+
+
+def result_fields(cfg: JobConfig) -> dict[str, Any]:
+    """The config fields that change what the output holds (secrets excluded)."""
+    inp = cfg.input.model_dump(exclude={"storage_options"})
+    model = {k: v for k, v in cfg.model.model_dump().items() if k not in _PERF_ONLY_MODEL_FIELDS}
+    return {
+        "input": inp,
+        "task": cfg.task.model_dump(),
+        "model": model,
+        "sampling": cfg.sampling.model_dump(),
+        "output": {"carry": list(cfg.output.carry), "rows_per_shard": cfg.output.rows_per_shard},
+    }
+
+
+def config_hash(fields: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def diff_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted-path lines saying what differs between two result_fields dicts."""
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        path = f"{prefix}{key}"
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += diff_fields(a, b, path + ".")
+        elif a != b:
+            lines.append(f"  {path}: output has {a!r}, this config has {b!r}")
+    return lines
+
+
+# --- loading ---------------------------------------------------------------
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _interpolate(node, path: str):
+    if isinstance(node, dict):
+        return {k: _interpolate(v, f"{path}.{k}" if path else str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, f"{path}[{i}]") for i, v in enumerate(node)]
+    if isinstance(node, str):
+        def sub(m):
+            if m.group(1) not in os.environ:
+                raise ConfigError(f"{path}: environment variable {m.group(1)} is not set")
+            return os.environ[m.group(1)]
+
+        return _ENV.sub(sub, node)
+    return node
+
+
+def apply_override(raw: dict, override: str) -> None:
+    key, sep, value = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {override!r}: expected dotted.key=value, e.g. sampling.max_tokens=64")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {p} is not a section")
+    node[leaf] = yaml.safe_load(value) if value.strip() else ""
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: Any = JobConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        args = [a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+        args += [a for arg in typing.get_args(ann) for a in typing.get_args(arg)
+                 if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else (args[0] if args else None)
+    return model
+
+
+def _format_error(err: dict) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("function-after",))))
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        allowed = sorted(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"{path}: unknown key; {hint}allowed keys here: {', '.join(allowed)}"
+    if err["type"] == "missing":
+        return f"{path}: required key is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    if msg.startswith(path.split(".")[0] + "."):
+        return msg
+    return f"{path}: {msg}"
+
+
+def parse_config(raw: Any, source: str = "config") -> JobConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping with sections input, task, output, ...")
+    try:
+        raw = _interpolate(raw, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = [_format_error(err) for err in e.errors(include_input=False)]
+        lines = list(dict.fromkeys(lines))
+        raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str, overrides: typing.Iterable[str] = ()) -> JobConfig:
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    raw = raw if raw is not None else {}
+    for o in overrides:
+        if not isinstance(raw, dict):
+            break
+        apply_override(raw, o)
+    return parse_config(raw, path)
