@@ -102,3 +102,31 @@ def test_registry_by_model_type_and_kv_cache_shape():
     assert kv_cache_shape(cfg) == (3, 2, 32)
     assert kv_cache_shape(LlamaConfig(hidden_size=64, num_attention_heads=4,
                                       num_hidden_layers=2)) == (2, 4, 16)
+
+
+def test_corrupt_safetensors_and_tied_copy_of_lm_head(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf = tiny_hf_model(LlamaConfig, tie_word_embeddings=True)
+    hf.save_pretrained(tmp_path)
+    # A tied checkpoint that stores lm_head.weight anyway still loads.
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, str(tmp_path / "model.safetensors"))
+    load_model(str(tmp_path), torch.float32, "cpu", TorchPagedAttention())
+    # A truncated file is a ValueError naming it.
+    (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    with pytest.raises(ValueError, match="model.safetensors"):
+        load_model(str(tmp_path), torch.float32, "cpu", TorchPagedAttention())
+
+
+def test_missing_weight_is_reported(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf = tiny_hf_model(LlamaConfig, tie_word_embeddings=False)
+    hf.save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    del state["model.layers.1.self_attn.k_proj.weight"]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="missing weights: model.layers.1.self_attn.qkv_proj"):
+        load_model(str(tmp_path), torch.float32, "cpu", TorchPagedAttention())
