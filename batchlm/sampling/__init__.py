@@ -4,9 +4,10 @@ Modules:
 - types.py      SamplingRow (a row's inputs), SamplerOutput, request_generator
 - plan.py       StepPlan: which rows need which work this step
 - penalties.py  min_tokens suppression; repetition / frequency / presence penalties
-- filters.py    temperature, top-k, top-p, min-p
+- filters.py    temperature, top-k, top-p, min-p (thresholds on unnormalised probs)
+- draw.py       one uniform per row (own generator if seeded) + inverse CDF
 - logprobs.py   raw logprobs: per generated token, prompt_logprobs, token_logprobs
-- sampler.py    Sampler: the per-step pipeline and seeded exponential-race draws
+- sampler.py    Sampler: the per-step pipeline, greedy fast path, workspace reuse
 """
 from batchlm.sampling.logprobs import prompt_logprobs, token_logprobs, topk_logprobs
 from batchlm.sampling.sampler import Sampler

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from itertools import chain
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,11 +28,14 @@ from batchlm.sampling.types import SamplingRow
 
 def _keys(token_lists: list[list[int]], row_ids: list[int], vocab: int, device) -> Tensor:
     """Flat keys row * vocab + token for every (row, token) pair, ids >= vocab dropped. [T] long"""
-    lengths = torch.tensor([len(t) for t in token_lists], dtype=torch.long)
-    flat = torch.tensor(list(chain.from_iterable(token_lists)), dtype=torch.long)  # [T]
-    rows = torch.repeat_interleave(torch.tensor(row_ids, dtype=torch.long), lengths)  # [T]
-    ok = (flat >= 0) & (flat < vocab)
-    return (rows[ok] * vocab + flat[ok]).to(device)
+    lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
+    total = int(lengths.sum())
+    flat = np.fromiter(chain.from_iterable(token_lists), dtype=np.int64, count=total)  # [T]
+    rows = np.repeat(np.asarray(row_ids, dtype=np.int64), lengths)  # [T]
+    if total and (flat.min() < 0 or flat.max() >= vocab):
+        ok = (flat >= 0) & (flat < vocab)
+        flat, rows = flat[ok], rows[ok]
+    return torch.from_numpy(rows * vocab + flat).to(device)
 
 
 def suppress_min_tokens(logits: Tensor, rows: list[SamplingRow], idx: list[int]) -> None:
