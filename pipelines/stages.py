@@ -94,10 +94,10 @@ class EngineStage:
         ids = self._tokens(prompt, system)
         if not ids:
             return None, "prompt is empty"
-        if len(ids) >= self.max_len:
+        if len(ids) > self.max_len:
             if not self.truncate:
-                return None, (f"prompt has {len(ids)} tokens; the model allows fewer than {self.max_len} "
-                              "(max_model_len); set task.on_long_prompt: truncate to keep the last tokens")
+                return None, (f"prompt has {len(ids)} tokens, more than max_model_len={self.max_len}; "
+                              "set task.on_long_prompt: truncate to keep the last tokens")
             ids = ids[-self.keep:]
         return ids, None
 

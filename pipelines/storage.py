@@ -9,6 +9,9 @@ Contract
   directory, flushed, fsynced, `os.replace`d, and the directory fsynced.
   Object stores: one PUT of the whole object (never multipart, never a
   temporary object), which is atomic by the store's own guarantee.
+- Fault injection for tests: `BATCHLM_FAILPOINTS="shard_write=SECONDS"` makes
+  a local shard write pause halfway through its temporary file, so a test can
+  kill the process mid-write deterministically. Unset, it costs one dict lookup.
 - `clean_temp()` removes the temporary files a killed writer left behind
   (they only exist on local disk).
 - Errors reaching the store (missing bucket, unreachable endpoint, refused
@@ -18,12 +21,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
 
 from batchlm.pipelines.errors import ConfigError
 
 TMP_PREFIX = ".tmp-"
 _SINGLE_PUT_LIMIT = 5 * 2**30  # S3's limit for one PUT
+
+
+def _failpoint(name: str) -> float:
+    spec = os.environ.get("BATCHLM_FAILPOINTS")
+    if not spec:
+        return 0.0
+    points = dict(p.split("=", 1) for p in spec.split(",") if "=" in p)
+    return float(points.get(name, 0.0))
 
 
 def make_fs(path: str, storage_options: dict | None):
@@ -37,7 +49,6 @@ def make_fs(path: str, storage_options: dict | None):
         cfg.setdefault("connect_timeout", 5)
         cfg.setdefault("retries", {"max_attempts": 2})
         opts["config_kwargs"] = cfg
-        opts.setdefault("retries", 1)
     try:
         return fsspec.core.url_to_fs(path, **opts)
     except (ImportError, ValueError, TypeError) as e:
@@ -118,6 +129,12 @@ class Store:
             return
         tmp = self._p(f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}")
         with open(tmp, "wb") as f:
+            pause = _failpoint("shard_write") if name.startswith("part-") else 0.0
+            if pause:
+                f.write(data[: len(data) // 2])
+                f.flush()
+                time.sleep(pause)
+                data = data[len(data) // 2:]
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -1,0 +1,107 @@
+"""`batchlm validate`: check a config and its input without running the job.
+
+Contract: `validate(cfg, sample=200, estimate=True) -> str` (a report).
+Plans the input (row and unit counts), checks the columns the prompt and
+`output.carry` use, renders and tokenizes up to `sample` rows (chat template
+applied as the run would) for prompt-token statistics and the rows over the
+length limit, and, with `estimate`, times the engine on a few of those rows
+(at most 8 output tokens each) to estimate the run time. Nothing is written.
+Problems raise ConfigError.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+from batchlm.pipelines.errors import ConfigError
+from batchlm.pipelines.render import PromptTemplate
+from batchlm.pipelines.runner import check_columns
+from batchlm.pipelines.sources import plan_units, read_unit
+
+
+def _tokenizer_and_limit(cfg):
+    from batchlm.models.loader import load_config, load_tokenizer
+    from batchlm.models.resolve import resolve_model
+
+    try:
+        model_dir, _ = resolve_model(cfg.model.name)
+        tok, hf = load_tokenizer(model_dir), load_config(model_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"model.name: {e}") from None
+    if tok is None:
+        raise ConfigError(f"model.name: {cfg.model.name} has no tokenizer files")
+    limit = getattr(hf, "max_position_embeddings", None) or 8192
+    return tok, cfg.model.max_model_len or min(limit, 8192)
+
+
+def _sample_rows(cfg, units, n: int) -> list[dict]:
+    rows: list[dict] = []
+    for u in units:
+        rows += read_unit(cfg.input, u)
+        if len(rows) >= n:
+            break
+    return rows[:n]
+
+
+def validate(cfg, sample: int = 200, estimate: bool = True) -> str:
+    units = plan_units(cfg.input, cfg.output.rows_per_shard)
+    total = sum(u.num_rows for u in units)
+    rows = _sample_rows(cfg, units, max(1, sample))
+    check_columns(cfg, rows)
+    template = PromptTemplate(cfg.task)
+    tok, max_len = _tokenizer_and_limit(cfg)
+    chat = cfg.task.chat_template if cfg.task.chat_template is not None else bool(tok.chat_template)
+    lengths, errors, too_long, prompts = [], [], 0, []
+    for row in rows:
+        prompt, system, err = (None, None, row["__error"]) if row.get("__error") else template.render(row)
+        if err:
+            errors.append(f"{row['__id']}: {err}")
+            continue
+        if chat:
+            conv = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            ids = tok(tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False),
+                      add_special_tokens=False)["input_ids"]
+        else:
+            ids = tok(prompt)["input_ids"]
+        lengths.append(len(ids))
+        too_long += len(ids) > max_len
+        prompts.append(list(ids)[-max_len:])
+    lines = [
+        f"config        ok ({cfg.task.type}, model {cfg.model.name}, max_model_len {max_len})",
+        f"input         {cfg.input.path}: {total} rows in {len(units)} work units of <= {cfg.output.rows_per_shard}",
+        f"sampled       {len(rows)} rows ({'chat template' if chat else 'no chat template'})",
+    ]
+    if lengths:
+        q = sorted(lengths)
+        lines.append(f"prompt tokens mean {statistics.mean(q):.0f}, median {q[len(q) // 2]}, "
+                     f"p95 {q[min(len(q) - 1, int(0.95 * len(q)))]}, max {q[-1]}")
+    over = f"{too_long} of {len(lengths)} sampled rows exceed max_model_len {max_len}"
+    action = "truncated" if cfg.task.on_long_prompt == "truncate" else "recorded as errors"
+    lines.append(f"too long      {over} ({action})")
+    lines.append(f"bad rows      {len(errors)} of {len(rows)} sampled rows cannot be rendered")
+    lines += [f"              {e}" for e in errors[:5]]
+    if estimate and prompts:
+        lines.append(_estimate(cfg, prompts[:8], total, statistics.mean(lengths)))
+    return "\n".join(lines)
+
+
+def _estimate(cfg, prompts: list[list[int]], total_rows: int, mean_prompt: float) -> str:
+    """Times a short engine run on a few rows; extrapolates (a rough upper bound)."""
+    from batchlm import LLM
+
+    llm = LLM(**cfg.model.engine_kwargs())
+    probe_tokens = min(8, cfg.sampling.max_tokens or 8)
+    params = cfg.sampling.params().clone(max_tokens=probe_tokens, ignore_eos=True)
+    t0 = time.monotonic()
+    llm.generate(prompts, params, use_tqdm=False)
+    dt = time.monotonic() - t0
+    per_row = dt / len(prompts)
+    out_tokens = cfg.sampling.max_tokens or 256
+    # prefill is ~the probe's share for prompt tokens; decode scales with max_tokens.
+    row_s = per_row * (mean_prompt + out_tokens) / (mean_prompt + probe_tokens)
+    lo, _ = cfg.resources.replica_range()
+    est = total_rows * row_s / lo
+    return (f"estimate      ~{est / 60:.1f} min for {total_rows} rows on {lo} replica(s) "
+            f"(probe: {len(prompts)} rows x {probe_tokens} tokens in {dt:.1f} s on this machine; "
+            f"assumes every row writes max_tokens={out_tokens}, a batch as small as the probe; "
+            "full batches run faster)")
