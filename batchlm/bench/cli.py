@@ -1,0 +1,116 @@
+"""`python -m batchlm bench throughput|classify|...`: the benchmark commands.
+
+Contract: `register(subparsers)` adds `bench` with its own subcommands, each
+with `set_defaults(func=handler)`; a handler takes the parsed args and returns
+an exit code. This module imports only the standard library; torch,
+transformers and the engine are imported inside the handlers.
+
+Extension hook: any module named in `EXTRA_BENCH_MODULES` that can be imported
+(e.g. `batchlm.pipelines.bench`, once it exists) is given the bench
+subparsers through its own `register(bench_subparsers)`; it must likewise
+import only the standard library at import time.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+EXTRA_BENCH_MODULES = ("batchlm.pipelines.bench",)
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="short name, HF dir or GGUF file")
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache budget in bytes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="OUT", help="also write the results as JSON here")
+    p.set_defaults(argv=None)
+
+
+def _add_throughput(sub) -> None:
+    p = sub.add_parser("throughput", help="offline generation throughput (optionally vs transformers)",
+                       description="Time LLM.generate on a workload; with --baseline hf also "
+                                   "transformers generate on the same prompts and weights.")
+    _engine_args(p)
+    data = p.add_argument_group("workload (default: chat summarization prompts of 100-600 tokens)")
+    data.add_argument("--dataset", metavar="PATH", help="a Parquet or JSONL file")
+    data.add_argument("--text-column", default="text")
+    data.add_argument("--chat", nargs="?", const="summarize", choices=["summarize", "raw"],
+                      help="wrap each dataset text in the chat template, inside the "
+                           "summarization instruction (default) or as is (raw)")
+    data.add_argument("--input-len", type=int, help="synthetic raw prompts of this many tokens")
+    data.add_argument("--output-len", type=int, help="exactly this many new tokens (ignore eos)")
+    data.add_argument("--prompt-len-range", type=int, nargs=2, default=[100, 600], metavar=("MIN", "MAX"))
+    data.add_argument("--num-prompts", type=int, default=None, help="default 128 (dataset: all rows)")
+    data.add_argument("--max-tokens", type=int, default=128, help="new tokens per request (eos stops earlier)")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per engine; the median is reported")
+    p.add_argument("--baseline", choices=["hf"], help="also run transformers generate")
+    p.add_argument("--hf-batch-sizes", type=_int_list, default=[1, 8, 16, 32], metavar="1,8,16,32")
+    p.add_argument("--hf-max-prompts", type=int, default=None, metavar="N",
+                   help="time transformers on the first N prompts only (whole batches); "
+                        "its rates are then marked EXTRAPOLATED")
+    p.add_argument("--skip-batchlm", action="store_true",
+                   help="time only the baseline (--model must then be an HF-format dir)")
+    p.set_defaults(func=_run_throughput)
+
+
+def _add_classify(sub) -> None:
+    p = sub.add_parser("classify", help="label scoring with a shared instruction, prefix caching on vs off",
+                       description="Score labels for short texts behind a shared ~300-token "
+                                   "instruction, with prefix caching on and off.")
+    _engine_args(p)
+    p.add_argument("--num-rows", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per setting; the median is reported")
+    p.add_argument("--only", choices=["on", "off"], help="run just one setting")
+    p.set_defaults(func=_run_classify)
+
+
+def _run_throughput(args) -> int:
+    from batchlm.bench.throughput import run
+
+    if args.skip_batchlm and args.baseline is None:
+        raise SystemExit("bench throughput: --skip-batchlm needs --baseline hf")
+    return run(args)
+
+
+def _run_classify(args) -> int:
+    from batchlm.bench.classify import run
+
+    return run(args)
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help="benchmarks: throughput, classify, ...")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True)
+    _add_throughput(bench_sub)
+    _add_classify(bench_sub)
+    for name in EXTRA_BENCH_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and name.startswith(e.name):  # the module (or its package) is absent
+                continue
+            raise
+        module.register(bench_sub)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A parser with only `bench` (for tests and for running this module alone)."""
+    parser = argparse.ArgumentParser(prog="python -m batchlm")
+    register(parser.add_subparsers(dest="command", required=True))
+    return parser

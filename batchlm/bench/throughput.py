@@ -1,0 +1,179 @@
+"""`bench throughput`: batchlm's offline throughput, optionally against transformers.
+
+Contract: `run(args)` builds one workload (token ids, see workload.py), times
+`LLM.generate` on it (model load and a tiny warm-up excluded; median over
+`--repeats`), then with `--baseline hf` times transformers `generate` on the
+same token ids and the same weights (`LLM.model_dir`) for each of
+`--hf-batch-sizes`, keeps the best, prints the ratio of output tokens/s and
+how many outputs are token-identical. It also measures the machine's matmul
+rate and prints the roofline fraction each engine reached (roofline.py).
+Returns a process exit code; with `--json` the results are written there too.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+from batchlm.bench.report import Row, command_line, format_table, write_json
+from batchlm.bench.roofline import matmul_gflops, workload_flops
+
+
+def _median_run(fn, repeats: int):
+    """fn() -> (wall_s, result); returns the run with the median wall time."""
+    runs = sorted((fn() for _ in range(max(1, repeats))), key=lambda r: r[0])
+    return runs[len(runs) // 2]
+
+
+def build_workload(args, tokenizer):
+    from batchlm.bench import workload as wl
+
+    if args.dataset:
+        return wl.dataset_workload(tokenizer, args.dataset, args.text_column, args.chat,
+                                   args.num_prompts, args.max_tokens, args.output_len)
+    n = args.num_prompts or 128
+    if args.input_len is not None:
+        return wl.fixed_length_workload(tokenizer, n, args.input_len, args.output_len,
+                                        args.max_tokens, args.seed)
+    lo, hi = args.prompt_len_range
+    work = wl.summarization_workload(tokenizer, n, lo, hi, args.max_tokens, args.seed)
+    if args.output_len is not None:
+        return wl.Workload(work.prompts, args.output_len, True,
+                           work.description.split(", up to")[0] + f", exactly {args.output_len} new tokens")
+    return work
+
+
+def _time_batchlm(llm, work, repeats: int):
+    from batchlm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=work.max_tokens, ignore_eos=work.ignore_eos)
+    # Warm-up on a prompt unrelated to the workload (no prefix-cache head start).
+    llm.generate([[t % 1000 + 100 for t in range(24)]], SamplingParams(temperature=0.0, max_tokens=4),
+                 use_tqdm=False)
+
+    def once():
+        # NOTE: without a reset, repeats 2.. would find every prompt in the prefix cache.
+        if hasattr(llm, "reset_prefix_cache"):
+            llm.reset_prefix_cache()
+        t0 = time.perf_counter()
+        outs = llm.generate(work.prompts, params, use_tqdm=False)
+        return time.perf_counter() - t0, outs
+
+    return _median_run(once, repeats)
+
+
+def _strip_eos(ids: list[int], eos: set[int]) -> list[int]:
+    return ids[:-1] if ids and ids[-1] in eos else list(ids)
+
+
+def compare_outputs(a: list[list[int]], b: list[list[int]], eos: set[int]) -> tuple[int, list[str]]:
+    """How many pairs are token-identical (a trailing eos ignored), and where the others differ."""
+    same, where = 0, []
+    for i, (x, y) in enumerate(zip(a, b)):
+        x, y = _strip_eos(x, eos), _strip_eos(y, eos)
+        if x == y:
+            same += 1
+        else:
+            pos = next((k for k, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+            where.append(f"#{i}@{pos}")
+    return same, where
+
+
+def _hf_rows(args, model_dir, work, flops_of, gflops, batchlm_tokens):
+    from batchlm.bench.hf_baseline import eos_token_ids, load_hf_model, run_hf
+
+    model = load_hf_model(model_dir, args.dtype)
+    rows, runs = [], []
+    for bs in args.hf_batch_sizes:
+        limit = None
+        if args.hf_max_prompts and args.hf_max_prompts < len(work.prompts):
+            limit = max(bs, -(-args.hf_max_prompts // bs) * bs)  # whole batches only
+            limit = min(limit, len(work.prompts))
+        print(f"[bench] transformers generate, batch size {bs}"
+              + (f", first {limit} prompts" if limit else "") + " ...", flush=True)
+
+        def once():
+            r = run_hf(model, work.prompts, work.max_tokens, bs, work.ignore_eos, limit)
+            return r.wall_s, r
+
+        _, r = _median_run(once, args.repeats)
+        runs.append(r)
+        note = "" if r.num_prompts == len(work.prompts) else \
+            f"EXTRAPOLATED: rates from the first {r.num_prompts}/{len(work.prompts)} prompts"
+        rows.append(Row(f"hf generate bs={bs}", r.num_prompts, r.num_prompt_tokens, r.num_output_tokens,
+                        r.wall_s, note, flops_of(r.num_prompt_tokens, r.num_output_tokens) / r.wall_s / 1e9 / gflops))
+    best = max(range(len(runs)), key=lambda k: runs[k].output_tokens_per_s)
+    result = {"best_batch_size": runs[best].batch_size}
+    full = [k for k, r in enumerate(runs) if r.num_prompts == len(work.prompts)]
+    if batchlm_tokens is not None:
+        ref = runs[best] if best in full or not full else runs[max(full, key=lambda k: runs[k].output_tokens_per_s)]
+        n = ref.num_prompts
+        same, where = compare_outputs(batchlm_tokens[:n], ref.token_ids, set(eos_token_ids(model)))
+        result.update(identical=same, compared=n, compared_batch_size=ref.batch_size, differ_at=where)
+    return rows, rows[best], result
+
+
+def run(args) -> int:
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    llm = None
+    if args.skip_batchlm:
+        model_dir = args.model
+    else:
+        from batchlm import LLM
+
+        llm = LLM(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens,
+                  enable_prefix_caching=not args.no_prefix_caching,
+                  kv_cache_memory=args.kv_cache_memory, seed=args.seed)
+        model_dir = str(llm.model_dir)
+    config = AutoConfig.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    work = build_workload(args, tokenizer)
+    lens = [len(p) for p in work.prompts]
+    gflops = matmul_gflops()
+    flops_of = lambda p, o: workload_flops(config, p, o)  # noqa: E731
+
+    rows, summary = [], {}
+    batchlm_tokens = None
+    if llm is not None:
+        print(f"[bench] batchlm generate on {len(work.prompts)} prompts ...", flush=True)
+        wall, outs = _time_batchlm(llm, work, args.repeats)
+        errors = [o.error for o in outs if getattr(o, "error", None)]
+        batchlm_tokens = [list(o.outputs[0].token_ids) if o.outputs else [] for o in outs]
+        n_out = sum(len(t) for t in batchlm_tokens)
+        note = f"{len(errors)} requests failed: {errors[0]}" if errors else ""
+        rows.append(Row("batchlm", len(outs), work.num_prompt_tokens, n_out, wall, note,
+                        flops_of(work.num_prompt_tokens, n_out) / wall / 1e9 / gflops))
+    if args.baseline == "hf":
+        hf_rows, best, hf_summary = _hf_rows(args, model_dir, work, flops_of, gflops, batchlm_tokens)
+        rows.extend(hf_rows)
+        summary["hf"] = hf_summary
+        if llm is not None:
+            summary["ratio_output_tokens_per_s"] = rows[0].output_tokens_per_s / best.output_tokens_per_s
+
+    print()
+    print(f"command:  {command_line(args.argv)}")
+    print(f"model:    {args.model} ({model_dir}), dtype {args.dtype}")
+    print(f"workload: {work.description}; {work.num_prompt_tokens} prompt tokens "
+          f"(min {min(lens)}, median {statistics.median(lens):.0f}, max {max(lens)})")
+    print(f"machine:  torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"fp32 matmul 2048^3: {gflops:.1f} GFLOP/s (roofline = fraction of this)")
+    print(f"repeats:  {args.repeats} (median wall time)\n")
+    print(format_table(rows))
+    if "ratio_output_tokens_per_s" in summary:
+        print(f"\nbatchlm / best transformers ({best.name}) output tokens/s: "
+              f"{summary['ratio_output_tokens_per_s']:.2f}x")
+    hf = summary.get("hf", {})
+    if "identical" in hf:
+        print(f"token-identical outputs, batchlm vs hf bs={hf['compared_batch_size']}: "
+              f"{hf['identical']}/{hf['compared']}"
+              + (f" (differ at request@token: {' '.join(hf['differ_at'][:20])})" if hf["differ_at"] else ""))
+    if args.json:
+        write_json(args.json, {
+            "command": command_line(args.argv), "model": args.model, "model_dir": model_dir,
+            "dtype": args.dtype, "workload": work.description, "num_prompts": len(work.prompts),
+            "prompt_tokens": work.num_prompt_tokens, "matmul_gflops": gflops, "repeats": args.repeats,
+            "threads": torch.get_num_threads(), "rows": [r.to_dict() for r in rows], **summary})
+        print(f"\nwrote {args.json}")
+    return 0
