@@ -72,13 +72,13 @@ def classification_prompts(tokenizer, num_rows: int, seed: int = 0) -> tuple[lis
 
 
 def _time_classify(llm, prompts, labels, repeats: int):
-    llm.classify(["Hello there, how are you today?"], labels)  # warm-up, unrelated prefix
+    llm.classify(["Hello there, how are you today?"], labels, use_tqdm=False)  # warm-up, unrelated prefix
     runs = []
     for _ in range(max(1, repeats)):
         if hasattr(llm, "reset_prefix_cache"):
             llm.reset_prefix_cache()
         t0 = time.perf_counter()
-        outs = llm.classify(prompts, labels)
+        outs = llm.classify(prompts, labels, use_tqdm=False)
         runs.append((time.perf_counter() - t0, outs))
     runs.sort(key=lambda r: r[0])
     return runs[len(runs) // 2]
