@@ -8,14 +8,17 @@ first `num_decodes` sequences are decodes (exactly one query token each, the
 first `num_decodes` tokens of the batch); the rest are prefills (one chunk of
 one or more prompt tokens each, contiguous, in order).
 
+The cache of one layer is a (k_cache, v_cache) pair, each of the shape the
+backend's `kv_cache_shape(num_blocks, block_size, KVH, D)` returns; only the
+backend reads or writes it. Slot `s` = block_id * block_size + offset.
+
 `forward(q, k, v, k_cache, v_cache, meta, scale)`:
-  q: [T, H, D]; k, v: [T, KVH, D] (rotary already applied);
-  k_cache, v_cache: [num_blocks, block_size, KVH, D] for this layer.
-  It first writes k, v into the cache at `meta.slot_mapping` (slot =
-  block_id * block_size + offset), then returns out: [T, H, D], where each
-  query token attends causally to every cached token of its own sequence up to
-  and including its own position (prefix-cached and earlier-chunk tokens
-  included). H must be a multiple of KVH (grouped-query attention).
+  q: [T, H, D]; k, v: [T, KVH, D] (rotary already applied; may be strided views).
+  It first writes k, v into the cache at `meta.slot_mapping`, then returns
+  out: [T, H, D], where each query token attends causally to every cached
+  token of its own sequence up to and including its own position
+  (prefix-cached and earlier-chunk tokens included). H must be a multiple of
+  KVH (grouped-query attention: query head h reads kv head h // (H // KVH)).
 
 It knows nothing about requests, scheduling or sampling.
 """
@@ -47,16 +50,43 @@ class AttentionMetadata:
 
 
 class TorchPagedAttention:
-    """PyTorch reference: correct anywhere, the CPU path of the engine."""
+    """PyTorch reference: correct anywhere, and the CPU path of the engine.
+
+    Cache layout: [KVH, num_blocks, block_size, D] (head-major), so that the
+    blocks of a batch gather into [KVH, B, L, D], whose per-(head, sequence)
+    [L, D] matrices are contiguous and feed batched matmuls without copies.
+
+    NOTE: slots that were never written must hold finite values (the runner
+    zero-fills the cache): masked positions get probability 0, and 0 * NaN
+    would still poison the output.
+
+    NOTE: the instance keeps grow-only scratch buffers for the decode gather
+    (fresh multi-MB allocations each layer cost more in page faults than the
+    copy itself on CPU). One instance serves one engine, one step at a time.
+    """
 
     name = "torch"
+
+    def __init__(self):
+        self._scratch: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int):
+        return (num_kv_heads, num_blocks, block_size, head_dim)
+
+    def _buffer(self, name: str, numel: int, like: torch.Tensor) -> torch.Tensor:
+        buf = self._scratch.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.empty(max(numel, int(numel * 1.25)), dtype=like.dtype, device=like.device)
+            self._scratch[name] = buf
+        return buf[:numel]
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
         T, H, D = q.shape
         KVH = k.shape[1]
-        # Write the new keys/values into their slots.
-        k_cache.view(-1, KVH, D).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-        v_cache.view(-1, KVH, D).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+        # Write the new keys/values into their slots: cache viewed as [KVH, slots, D].
+        k_cache.view(KVH, -1, D).index_copy_(1, meta.slot_mapping, k.transpose(0, 1).to(k_cache.dtype))
+        v_cache.view(KVH, -1, D).index_copy_(1, meta.slot_mapping, v.transpose(0, 1).to(v_cache.dtype))
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
@@ -71,23 +101,34 @@ class TorchPagedAttention:
             start += qlen
         return out
 
-    @staticmethod
-    def _decode(q, k_cache, v_cache, meta, scale):
-        # q: [B, H, D] -> one query per sequence, batched over a padded gather.
+    def _gather(self, name, cache, tables):
+        # cache: [KVH, NB, bs, D]; tables: [B, nb] -> [KVH, B, nb * bs, D]
+        KVH, _, bs, D = cache.shape
+        B, nb = tables.shape
+        buf = self._buffer(name, KVH * B * nb * bs * D, cache).view(KVH, B * nb, bs, D)
+        torch.index_select(cache, 1, tables.reshape(-1), out=buf)
+        return buf.view(KVH, B, nb * bs, D)
+
+    def _decode(self, q, k_cache, v_cache, meta, scale):
+        # q: [B, H, D], one query per sequence, batched over a padded gather.
         B, H, D = q.shape
-        KVH = k_cache.shape[2]
+        KVH = k_cache.shape[0]
+        G = H // KVH
         max_len = max(meta.seq_lens_list[:B])
         nb = -(-max_len // meta.block_size)
-        tables = meta.block_tables[:B, :nb]  # [B, nb]
-        keys = k_cache[tables].view(B, nb * meta.block_size, KVH, D).transpose(1, 2)  # [B, KVH, L, D]
-        vals = v_cache[tables].view(B, nb * meta.block_size, KVH, D).transpose(1, 2)
-        L = nb * meta.block_size
-        pos = torch.arange(L, device=q.device)
-        mask = (pos[None, :] < meta.seq_lens[:B, None])[:, None, None, :]  # [B, 1, 1, L]
-        o = F.scaled_dot_product_attention(
-            q[:, :, None, :], keys.to(q.dtype), vals.to(q.dtype), attn_mask=mask,
-            scale=scale, enable_gqa=H != KVH)  # [B, H, 1, D]
-        return o[:, :, 0, :]
+        tables = meta.block_tables[:B, :nb]
+        keys = self._gather("k", k_cache, tables)  # [KVH, B, L, D]
+        vals = self._gather("v", v_cache, tables)
+        L = keys.shape[2]
+        qh = q.view(B, KVH, G, D).transpose(0, 1).to(keys.dtype)  # [KVH, B, G, D]
+        scores = torch.matmul(qh, keys.transpose(-1, -2))  # [KVH, B, G, L]
+        scores.mul_(scale)
+        if B > 1 or max_len < L:
+            pad = torch.arange(L, device=q.device)[None, :] >= meta.seq_lens[:B, None]  # [B, L]
+            scores.masked_fill_(pad[None, :, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        o = torch.matmul(probs, vals)  # [KVH, B, G, D]
+        return o.transpose(0, 1).reshape(B, H, D).to(q.dtype)
 
     @staticmethod
     def _prefill(q, k, v, k_cache, v_cache, table, ctx, block_size, scale):
@@ -95,16 +136,15 @@ class TorchPagedAttention:
         Q, H, D = q.shape
         KVH = k.shape[1]
         if ctx == Q:  # nothing cached before this chunk: use k, v directly
-            keys, vals = k, v
-            mask, causal = None, True
+            keys, vals = k.transpose(0, 1), v.transpose(0, 1)  # [KVH, Q, D]
         else:
             nb = -(-ctx // block_size)
-            keys = k_cache[table[:nb]].reshape(-1, KVH, D)[:ctx].to(q.dtype)
-            vals = v_cache[table[:nb]].reshape(-1, KVH, D)[:ctx].to(q.dtype)
-            qpos = torch.arange(ctx - Q, ctx, device=q.device)
-            mask = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]  # [Q, ctx]
-            causal = False
+            idx = table[:nb]
+            keys = k_cache.index_select(1, idx).view(KVH, nb * block_size, D)[:, :ctx].to(q.dtype)
+            vals = v_cache.index_select(1, idx).view(KVH, nb * block_size, D)[:, :ctx].to(q.dtype)
+        qpos = torch.arange(ctx - Q, ctx, device=q.device)
+        # NOTE: an explicit mask beats is_causal=True on the CPU SDPA kernels.
+        mask = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]  # [Q, ctx]
         o = F.scaled_dot_product_attention(
-            q.transpose(0, 1), keys.transpose(0, 1), vals.transpose(0, 1),
-            attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=H != KVH)
-        return o.transpose(0, 1)
+            q.transpose(0, 1), keys, vals, attn_mask=mask, scale=scale, enable_gqa=H != KVH)
+        return o.transpose(0, 1)  # [Q, H, D]

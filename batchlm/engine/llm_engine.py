@@ -54,7 +54,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, res.max_num_batched_tokens,
                                    config.enable_chunked_prefill)
         self.max_num_batched_tokens = res.max_num_batched_tokens
-        self.runner = ModelRunner(self.model, num_layers, kv_heads, head_dim, res.num_blocks,
+        self.runner = ModelRunner(self.model, attention, num_layers, kv_heads, head_dim, res.num_blocks,
                                   config.block_size, kv_dtype, device)
         self.sampler = Sampler(self.hf_config.vocab_size, device, seed=config.seed)
         self.eos_token_ids = _eos_ids(self.hf_config, self.tokenizer, self.model_dir)

@@ -22,13 +22,13 @@ class RunResult:
 
 
 class ModelRunner:
-    def __init__(self, model, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int,
-                 block_size: int, kv_dtype: torch.dtype, device: torch.device):
+    def __init__(self, model, attention, num_layers: int, num_kv_heads: int, head_dim: int,
+                 num_blocks: int, block_size: int, kv_dtype: torch.dtype, device: torch.device):
         self.model = model
         self.device = device
         self.block_size = block_size
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        # One (key, value) pair of [num_blocks, block_size, KVH, D] per layer.
+        # One (key, value) pair per layer, laid out as the attention backend wants.
+        shape = attention.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=kv_dtype, device=device), torch.zeros(shape, dtype=kv_dtype, device=device))
             for _ in range(num_layers)

@@ -1,8 +1,8 @@
 """Test helpers: a hand-driven paged KV cache that builds AttentionMetadata, and
 tiny random HF models.
 
-`PagedCacheSim(config)` owns per-layer caches `[num_blocks, block_size, KVH,
-D]` and per-sequence block tables; blocks are handed out sequentially (from 1,
+`PagedCacheSim(config)` owns per-layer caches (in TorchPagedAttention's
+layout) and per-sequence block tables; blocks are handed out sequentially (from 1,
 so block 0 is only ever padding) as sequences grow. `step(chunks, num_decodes)`
 takes `[(seq_id, token_ids), ...]` ordered decodes first, then prefill chunks,
 and returns `(input_ids [T], positions [T], meta)` for one engine step.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from batchlm.kernels.attention import AttentionMetadata
+from batchlm.kernels.attention import AttentionMetadata, TorchPagedAttention
 from batchlm.models import kv_cache_shape
 
 
@@ -22,8 +22,8 @@ class PagedCacheSim:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.kv_caches = [
-            (torch.zeros(num_blocks, block_size, kv_heads, head_dim, dtype=dtype),
-             torch.zeros(num_blocks, block_size, kv_heads, head_dim, dtype=dtype))
+            (torch.zeros(TorchPagedAttention.kv_cache_shape(num_blocks, block_size, kv_heads, head_dim), dtype=dtype),
+             torch.zeros(TorchPagedAttention.kv_cache_shape(num_blocks, block_size, kv_heads, head_dim), dtype=dtype))
             for _ in range(layers)]
         self.tables: dict[object, list[int]] = {}
         self.lens: dict[object, int] = {}
