@@ -83,15 +83,17 @@ class Attention(nn.Module):
     def forward(self, x, rope, kv_cache, meta):
         T = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, q_size + 2 * kv_size]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)  # [T, H, D]
-        k = k.view(T, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
-        v = v.view(T, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
+        H, KVH = self.num_heads, self.num_kv_heads
+        v = qkv[:, self.q_size + self.kv_size:].view(T, KVH, self.head_dim)  # [T, KVH, D]
         if self.q_norm is not None:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        q = self.rotary.apply(q, *rope)
-        k = self.rotary.apply(k, *rope)
+            q, k = qkv[:, :self.q_size + self.kv_size].split([self.q_size, self.kv_size], dim=-1)
+            q = self.q_norm(q.reshape(T, H, self.head_dim))
+            k = self.k_norm(k.reshape(T, KVH, self.head_dim))
+            qk = torch.cat((q, k), dim=1)  # [T, H + KVH, D]
+        else:
+            qk = qkv[:, :self.q_size + self.kv_size].view(T, H + KVH, self.head_dim)
+        # One rotary pass over queries and keys together.
+        q, k = self.rotary.apply(qk, *rope).split([H, KVH], dim=1)  # [T, H, D], [T, KVH, D]
         out = self.attn.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
         return self.o_proj(out.reshape(T, self.q_size))
 
