@@ -29,3 +29,7 @@ def local_ray():
                            "output": {"path": "x"}}))
     yield
     ray.shutdown()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "ray_cluster: starts Ray processes (a minute or more); runs by default")
