@@ -24,7 +24,7 @@ It knows nothing about requests, scheduling or sampling.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,9 @@ class AttentionMetadata:
     seq_lens_list: list[int]
     query_lens_list: list[int]
     block_size: int
+    # Per-step values a backend derives once and reuses in every layer (masks,
+    # index tensors). Owned by the backend; starts empty each step.
+    derived: dict = field(default_factory=dict)
 
 
 class TorchPagedAttention:
@@ -95,9 +98,13 @@ class TorchPagedAttention:
         for i in range(nd, len(meta.seq_lens_list)):
             qlen = meta.query_lens_list[i]
             ctx = meta.seq_lens_list[i]
+            mask = meta.derived.get(("mask", i))
+            if mask is None:  # once per step: [Q, ctx], True where attention is allowed
+                qpos = torch.arange(ctx - qlen, ctx, device=q.device)
+                mask = meta.derived[("mask", i)] = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]
             out[start:start + qlen] = self._prefill(
                 q[start:start + qlen], k[start:start + qlen], v[start:start + qlen],
-                k_cache, v_cache, meta.block_tables[i], ctx, meta.block_size, scale)
+                k_cache, v_cache, meta.block_tables[i], ctx, meta.block_size, scale, mask)
             start += qlen
         return out
 
@@ -120,18 +127,19 @@ class TorchPagedAttention:
         keys = self._gather("k", k_cache, tables)  # [KVH, B, L, D]
         vals = self._gather("v", v_cache, tables)
         L = keys.shape[2]
-        qh = q.view(B, KVH, G, D).transpose(0, 1).to(keys.dtype)  # [KVH, B, G, D]
+        qh = (q * scale).view(B, KVH, G, D).transpose(0, 1).to(keys.dtype)  # [KVH, B, G, D]
         scores = torch.matmul(qh, keys.transpose(-1, -2))  # [KVH, B, G, L]
-        scores.mul_(scale)
-        if B > 1 or max_len < L:
-            pad = torch.arange(L, device=q.device)[None, :] >= meta.seq_lens[:B, None]  # [B, L]
-            scores.masked_fill_(pad[None, :, None, :], float("-inf"))
+        pad = meta.derived.get("decode_pad")
+        if pad is None:  # once per step: [1, B, 1, L], True past each sequence's end
+            pad = torch.arange(L, device=q.device)[None, :] >= meta.seq_lens[:B, None]
+            pad = meta.derived["decode_pad"] = pad[None, :, None, :]
+        scores.masked_fill_(pad, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         o = torch.matmul(probs, vals)  # [KVH, B, G, D]
         return o.transpose(0, 1).reshape(B, H, D).to(q.dtype)
 
     @staticmethod
-    def _prefill(q, k, v, k_cache, v_cache, table, ctx, block_size, scale):
+    def _prefill(q, k, v, k_cache, v_cache, table, ctx, block_size, scale, mask):
         # q: [Q, H, D]; attends to ctx cached tokens, the last Q of which are its own.
         Q, H, D = q.shape
         KVH = k.shape[1]
@@ -142,9 +150,7 @@ class TorchPagedAttention:
             idx = table[:nb]
             keys = k_cache.index_select(1, idx).view(KVH, nb * block_size, D)[:, :ctx].to(q.dtype)
             vals = v_cache.index_select(1, idx).view(KVH, nb * block_size, D)[:, :ctx].to(q.dtype)
-        qpos = torch.arange(ctx - Q, ctx, device=q.device)
         # NOTE: an explicit mask beats is_causal=True on the CPU SDPA kernels.
-        mask = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]  # [Q, ctx]
         o = F.scaled_dot_product_attention(
             q.transpose(0, 1), keys, vals, attn_mask=mask, scale=scale, enable_gqa=H != KVH)
         return o.transpose(0, 1)  # [Q, H, D]
