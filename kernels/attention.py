@@ -116,27 +116,48 @@ class TorchPagedAttention:
         torch.index_select(cache, 1, tables.reshape(-1), out=buf)
         return buf.view(KVH, B, nb * bs, D)
 
+    # Decode sequences are gathered in groups of about this many cached tokens,
+    # so a group's keys and values stay in the CPU's last-level cache between
+    # the gather and the two matmuls that read them.
+    GROUP_TOKENS = 8192
+
+    def _decode_groups(self, meta, B):
+        groups = meta.derived.get("decode_groups")
+        if groups is None:  # once per step: [(start, end, nb, pad mask)]
+            groups, lens, bs = [], meta.seq_lens_list[:B], meta.block_size
+            i = 0
+            while i < B:
+                j, width = i, 0
+                while j < B:
+                    w = max(width, -(-lens[j] // bs) * bs)
+                    if j > i and w * (j + 1 - i) > self.GROUP_TOKENS:
+                        break
+                    width, j = w, j + 1
+                L = width
+                pad = torch.arange(L, device=meta.seq_lens.device)[None, :] >= meta.seq_lens[i:j, None]
+                groups.append((i, j, L // bs, pad[None, :, None, :]))  # pad: [1, b, 1, L]
+                i = j
+            meta.derived["decode_groups"] = groups
+        return groups
+
     def _decode(self, q, k_cache, v_cache, meta, scale):
-        # q: [B, H, D], one query per sequence, batched over a padded gather.
+        # q: [B, H, D], one query per sequence. NOTE: the runner orders decodes
+        # by length, so each group's padded gather wastes little.
         B, H, D = q.shape
         KVH = k_cache.shape[0]
         G = H // KVH
-        max_len = max(meta.seq_lens_list[:B])
-        nb = -(-max_len // meta.block_size)
-        tables = meta.block_tables[:B, :nb]
-        keys = self._gather("k", k_cache, tables)  # [KVH, B, L, D]
-        vals = self._gather("v", v_cache, tables)
-        L = keys.shape[2]
-        qh = (q * scale).view(B, KVH, G, D).transpose(0, 1).to(keys.dtype)  # [KVH, B, G, D]
-        scores = torch.matmul(qh, keys.transpose(-1, -2))  # [KVH, B, G, L]
-        pad = meta.derived.get("decode_pad")
-        if pad is None:  # once per step: [1, B, 1, L], True past each sequence's end
-            pad = torch.arange(L, device=q.device)[None, :] >= meta.seq_lens[:B, None]
-            pad = meta.derived["decode_pad"] = pad[None, :, None, :]
-        scores.masked_fill_(pad, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        o = torch.matmul(probs, vals)  # [KVH, B, G, D]
-        return o.transpose(0, 1).reshape(B, H, D).to(q.dtype)
+        out = torch.empty_like(q)
+        qs = (q * scale).view(B, KVH, G, D).transpose(0, 1).to(k_cache.dtype)  # [KVH, B, G, D]
+        for i, j, nb, pad in self._decode_groups(meta, B):
+            tables = meta.block_tables[i:j, :nb]
+            keys = self._gather("k", k_cache, tables)  # [KVH, b, L, D]
+            vals = self._gather("v", v_cache, tables)
+            scores = torch.matmul(qs[:, i:j], keys.transpose(-1, -2))  # [KVH, b, G, L]
+            scores.masked_fill_(pad, float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            o = torch.matmul(probs, vals)  # [KVH, b, G, D]
+            out[i:j] = o.transpose(0, 1).reshape(j - i, H, D).to(q.dtype)
+        return out
 
     @staticmethod
     def _prefill(q, k, v, k_cache, v_cache, table, ctx, block_size, scale, mask):

@@ -41,8 +41,9 @@ class ModelRunner:
 
     def _prepare(self, scheduled):
         # NOTE: decodes (one query token) first, then longer chunks: the
-        # attention backend relies on this order.
-        order = sorted(scheduled, key=lambda sn: sn[1] != 1)
+        # attention backend relies on this order. Decodes go longest first so
+        # that neighbours have similar lengths (less padding when gathered).
+        order = sorted(scheduled, key=lambda sn: (sn[1] != 1, -sn[0].num_tokens if sn[1] == 1 else 0))
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []

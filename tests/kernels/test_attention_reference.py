@@ -23,18 +23,20 @@ def dense_attention(q, k, v, scale):
     return torch.einsum("hql,lhd->qhd", scores.softmax(-1), v.double()).float()
 
 
+@pytest.mark.parametrize("group_tokens", [8192, 8])  # 8: every decode in a group of its own
 @pytest.mark.parametrize("H,KVH,D", [(4, 4, 16), (8, 2, 32), (9, 3, 64)])
-def test_mixed_decode_and_prefill_step_matches_dense(H, KVH, D):
+def test_mixed_decode_and_prefill_step_matches_dense(H, KVH, D, group_tokens):
     g = torch.Generator().manual_seed(H * 100 + D)
     bs, num_blocks = 4, 64
     backend = TorchPagedAttention()
+    backend.GROUP_TOKENS = group_tokens
     # Poison: slots never written hold large garbage (finite: see the NOTE in
     # TorchPagedAttention), so reading one would show.
     k_cache = torch.randn(backend.kv_cache_shape(num_blocks, bs, KVH, D), generator=g) * 1e4
     v_cache = torch.randn(k_cache.shape, generator=g) * 1e4
     perm = torch.randperm(num_blocks - 1, generator=g).add(1).tolist()  # scattered blocks, never 0
     # (past tokens already cached, new tokens this step): decodes first
-    shapes = [(9, 1), (3, 1), (17, 1), (0, 7), (5, 6), (12, 1 + 0)]
+    shapes = [(9, 1), (3, 1), (17, 1), (0, 7), (5, 6), (12, 1), (30, 1)]
     shapes = [s for s in shapes if s[1] > 1 or s[0] > 0]
     shapes.sort(key=lambda s: s[1] != 1)
     full_k, full_v, tables = [], [], []
