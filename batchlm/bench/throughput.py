@@ -97,6 +97,8 @@ def _hf_rows(args, model_dir, work, flops_of, gflops, batchlm_tokens):
 
         _, r = _median_run(once, args.repeats)
         runs.append(r)
+        print(f"[bench]   {r.num_output_tokens} output tokens in {r.wall_s:.1f} s: "
+              f"{r.output_tokens_per_s:.2f} tok/s", flush=True)
         note = "" if r.num_prompts == len(work.prompts) else \
             f"EXTRAPOLATED: rates from the first {r.num_prompts}/{len(work.prompts)} prompts"
         rows.append(Row(f"hf generate bs={bs}", r.num_prompts, r.num_prompt_tokens, r.num_output_tokens,
@@ -142,6 +144,7 @@ def run(args) -> int:
         errors = [o.error for o in outs if getattr(o, "error", None)]
         batchlm_tokens = [list(o.outputs[0].token_ids) if o.outputs else [] for o in outs]
         n_out = sum(len(t) for t in batchlm_tokens)
+        print(f"[bench]   {n_out} output tokens in {wall:.1f} s: {n_out / wall:.2f} tok/s", flush=True)
         note = f"{len(errors)} requests failed: {errors[0]}" if errors else ""
         rows.append(Row("batchlm", len(outs), work.num_prompt_tokens, n_out, wall, note,
                         flops_of(work.num_prompt_tokens, n_out) / wall / 1e9 / gflops))
