@@ -98,7 +98,8 @@ def init_ray(cfg: JobConfig) -> bool:
         ray.init(logging_level=logging.WARNING)
         return False
     ncpu = os.cpu_count() or 1
-    ray.init(num_cpus=ncpu, num_gpus=_local_gpus(), include_dashboard=False, log_to_driver=False,
+    # address="local": always a fresh embedded Ray, never a `ray start` cluster found on this machine
+    ray.init(address="local", num_cpus=ncpu, num_gpus=_local_gpus(), include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING, configure_logging=True)
     return True
 
@@ -138,8 +139,12 @@ def build_dataset(cfg: JobConfig, todo: list[Unit], carry: list[str], trace_path
     lo, hi = cfg.resources.replica_range()
     res = cfg.resources
     ds = ray.data.from_items([u.to_dict() for u in todo], override_num_blocks=len(todo))
+    # NOTE: read+render asks for no CPU slot, so it can never wait behind engine
+    # actors that take every CPU (a 2-core laptop with cpus_per_replica: 2);
+    # two such tasks at a time keep the engine fed without reading ahead of it.
     ds = ds.map_batches(
-        read_render, batch_size=1, batch_format="pyarrow", num_cpus=0.1,
+        read_render, batch_size=1, batch_format="pyarrow", num_cpus=0,
+        compute=ray.data.TaskPoolStrategy(size=2),
         fn_kwargs=dict(input_cfg=cfg.input, task_cfg=cfg.task, id_name=id_column_name(cfg), carry=carry))
     return ds.map_batches(
         EngineStage, batch_size=res.batch_size, batch_format="pyarrow",

@@ -59,6 +59,37 @@ def read_render(batch, input_cfg, task_cfg, id_name: str, carry: list[str]):
     return pa.table(cols)
 
 
+class PromptEncoder:
+    """Chat template, tokenization and the length rule, as the engine stage applies them."""
+
+    def __init__(self, tok, max_len: int, chat_template: bool | None, on_long_prompt: str, max_tokens: int | None):
+        self.tok = tok
+        self.max_len = max_len
+        self.chat = chat_template if chat_template is not None else bool(getattr(tok, "chat_template", None))
+        self.truncate = on_long_prompt == "truncate"
+        # Room for the output: a truncated prompt keeps max_model_len - max_tokens tokens.
+        self.keep = max(1, max_len - (max_tokens or 1))
+
+    def tokens(self, prompt: str, system: str | None) -> list[int]:
+        if not self.chat:
+            return list(self.tok(prompt)["input_ids"])
+        conv = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        text = self.tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def prepare(self, prompt: str, system: str | None) -> tuple[list[int] | None, str | None]:
+        """(token ids, None), or (None, the row's error)."""
+        ids = self.tokens(prompt, system)
+        if not ids:
+            return None, "prompt is empty"
+        if len(ids) > self.max_len:
+            if not self.truncate:
+                return None, (f"prompt has {len(ids)} tokens, more than max_model_len={self.max_len}; "
+                              "set task.on_long_prompt: truncate to keep the last tokens")
+            ids = ids[-self.keep:]
+        return ids, None
+
+
 class EngineStage:
     """Ray Data actor UDF: one engine per actor, a whole batch per engine call."""
 
@@ -72,34 +103,12 @@ class EngineStage:
         from batchlm import LLM
 
         self.llm = LLM(**engine_kwargs)
-        self.tok = self.llm.get_tokenizer()
-        self.max_len = int(self.llm.max_model_len)
+        self.enc = PromptEncoder(self.llm.get_tokenizer(), int(self.llm.max_model_len), chat_template,
+                                 on_long_prompt, params.max_tokens if task_type == "generate" else 1)
         self.params = params
         self.task_type = task_type
         self.labels = labels
-        self.chat = chat_template if chat_template is not None else bool(getattr(self.tok, "chat_template", None))
-        self.truncate = on_long_prompt == "truncate"
-        # Room for the output: a truncated prompt keeps max_model_len - max_tokens tokens.
-        self.keep = max(1, self.max_len - (params.max_tokens or 1)) if task_type == "generate" else self.max_len - 1
         self.trace_path = trace_path
-
-    def _tokens(self, prompt: str, system: str | None) -> list[int]:
-        if not self.chat:
-            return list(self.tok(prompt)["input_ids"])
-        conv = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        text = self.tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
-        return list(self.tok(text, add_special_tokens=False)["input_ids"])
-
-    def _prepare(self, prompt: str, system: str | None) -> tuple[list[int] | None, str | None]:
-        ids = self._tokens(prompt, system)
-        if not ids:
-            return None, "prompt is empty"
-        if len(ids) > self.max_len:
-            if not self.truncate:
-                return None, (f"prompt has {len(ids)} tokens, more than max_model_len={self.max_len}; "
-                              "set task.on_long_prompt: truncate to keep the last tokens")
-            ids = ids[-self.keep:]
-        return ids, None
 
     def _trace(self, units) -> None:
         if not self.trace_path:
@@ -124,7 +133,7 @@ class EngineStage:
         todo, inputs = [], []
         for i in range(n):
             if errors[i] is None:
-                ids, errors[i] = self._prepare(prompts[i], systems[i])
+                ids, errors[i] = self.enc.prepare(prompts[i], systems[i])
                 if ids is not None:
                     todo.append(i)
                     inputs.append(ids)
@@ -156,7 +165,7 @@ class EngineStage:
             out["num_output_tokens"][i] = len(c.token_ids)
 
     def _classify(self, todo, inputs, out, errors) -> None:
-        texts = [self.tok.decode(ids) for ids in inputs]
+        texts = [self.enc.tok.decode(ids) for ids in inputs]
         results = self.llm.classify(texts, self.labels, use_tqdm=False) if texts else []
         for i, r in zip(todo, results):
             if r.error:

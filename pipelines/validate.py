@@ -17,6 +17,7 @@ from batchlm.pipelines.errors import ConfigError
 from batchlm.pipelines.render import PromptTemplate
 from batchlm.pipelines.runner import check_columns
 from batchlm.pipelines.sources import plan_units, read_unit
+from batchlm.pipelines.stages import PromptEncoder
 
 
 def _tokenizer_and_limit(cfg):
@@ -50,26 +51,21 @@ def validate(cfg, sample: int = 200, estimate: bool = True) -> str:
     check_columns(cfg, rows)
     template = PromptTemplate(cfg.task)
     tok, max_len = _tokenizer_and_limit(cfg)
-    chat = cfg.task.chat_template if cfg.task.chat_template is not None else bool(tok.chat_template)
+    enc = PromptEncoder(tok, max_len, cfg.task.chat_template, cfg.task.on_long_prompt, cfg.sampling.max_tokens)
     lengths, errors, too_long, prompts = [], [], 0, []
     for row in rows:
         prompt, system, err = (None, None, row["__error"]) if row.get("__error") else template.render(row)
         if err:
             errors.append(f"{row['__id']}: {err}")
             continue
-        if chat:
-            conv = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-            ids = tok(tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False),
-                      add_special_tokens=False)["input_ids"]
-        else:
-            ids = tok(prompt)["input_ids"]
+        ids = enc.tokens(prompt, system)
         lengths.append(len(ids))
         too_long += len(ids) > max_len
-        prompts.append(list(ids)[-max_len:])
+        prompts.append(ids[-enc.keep:])
     lines = [
         f"config        ok ({cfg.task.type}, model {cfg.model.name}, max_model_len {max_len})",
         f"input         {cfg.input.path}: {total} rows in {len(units)} work units of <= {cfg.output.rows_per_shard}",
-        f"sampled       {len(rows)} rows ({'chat template' if chat else 'no chat template'})",
+        f"sampled       {len(rows)} rows ({'chat template' if enc.chat else 'no chat template'})",
     ]
     if lengths:
         q = sorted(lengths)

@@ -18,7 +18,6 @@ def tiny_model(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def local_ray():
     """One embedded Ray for all in-process run_job calls (run_job reuses it)."""
-    import os
 
     import ray
 

@@ -1,0 +1,89 @@
+"""`batchlm bench pipeline`: the pipeline's overhead against bare `LLM.generate`.
+
+Contract: `add_arguments(parser)` declares the options; `bench_pipeline(args)
+-> exit code` runs, on the same rows, prompts and engine settings:
+
+1. bare: one `LLM`, the rows rendered and tokenized exactly as the engine
+   stage does, one `llm.generate` over all of them (model load excluded);
+2. pipeline: `run_job` into a fresh temporary output (embedded Ray, actor
+   pool, shard commits, manifest), timed end to end and in steady state
+   (from the engine actor's first call, seen through BATCHLM_UNIT_TRACE, to
+   the last commit: Ray start-up and the actor's model load excluded).
+
+It prints both rows/s figures and the ratio (the issue asks >= 0.8 in steady
+state), plus one JSON line for scripts. The two runs are sequential so they
+never share the CPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", default="configs/quickstart.yaml", help="job config giving data, prompt, model")
+    p.add_argument("--rows", type=int, default=200, help="rows to run (input.limit)")
+    p.add_argument("--max-tokens", type=int, default=32, help="sampling.max_tokens (ignore_eos: fixed work)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def _bare(cfg, rows: int) -> tuple[float, int]:
+    from batchlm import LLM
+    from batchlm.pipelines.render import PromptTemplate
+    from batchlm.pipelines.sources import plan_units, read_unit
+    from batchlm.pipelines.stages import PromptEncoder
+
+    units = plan_units(cfg.input, cfg.output.rows_per_shard)
+    data = [r for u in units for r in read_unit(cfg.input, u)][:rows]
+    template = PromptTemplate(cfg.task)
+    llm = LLM(**cfg.model.engine_kwargs())
+    enc = PromptEncoder(llm.get_tokenizer(), int(llm.max_model_len), cfg.task.chat_template,
+                        cfg.task.on_long_prompt, cfg.sampling.max_tokens)
+    prompts = []
+    for row in data:
+        prompt, system, err = template.render(row)
+        ids, err = enc.prepare(prompt, system) if not err else (None, err)
+        if ids is not None:
+            prompts.append(ids)
+    t0 = time.monotonic()
+    outs = llm.generate(prompts, cfg.sampling.params(), use_tqdm=False)
+    dt = time.monotonic() - t0
+    return dt, sum(len(o.outputs[0].token_ids) for o in outs)
+
+
+def bench_pipeline(args) -> int:
+    import io
+
+    from batchlm.pipelines.config import load_config
+    from batchlm.pipelines.runner import run_job
+
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = [*args.overrides, f"input.limit={args.rows}", f"sampling.max_tokens={args.max_tokens}",
+                     "sampling.ignore_eos=true", f"output.path={tmp}/out"]
+        cfg = load_config(args.config, overrides)
+        bare_s, bare_tokens = _bare(cfg, args.rows)
+        trace = os.path.join(tmp, "trace.jsonl")
+        os.environ["BATCHLM_UNIT_TRACE"] = trace
+        t0 = time.time()
+        result = run_job(cfg, stream=io.StringIO())
+        end = time.time()
+        first_call = min(json.loads(line)["t"] for line in open(trace))
+    steady = end - first_call
+    n = result.generated_rows
+    fig = {
+        "rows": n, "max_tokens": args.max_tokens, "model": cfg.model.name,
+        "bare_generate_s": round(bare_s, 2), "bare_rows_per_s": round(n / bare_s, 3),
+        "pipeline_wall_s": round(end - t0, 2), "pipeline_rows_per_s": round(n / (end - t0), 3),
+        "pipeline_steady_s": round(steady, 2), "pipeline_steady_rows_per_s": round(n / steady, 3),
+        "steady_ratio": round(bare_s / steady, 3), "end_to_end_ratio": round(bare_s / (end - t0), 3),
+        "output_tokens": result.output_tokens, "bare_output_tokens": bare_tokens,
+    }
+    print(f"bare LLM.generate      {n} rows in {bare_s:7.2f} s  {fig['bare_rows_per_s']:.3f} rows/s")
+    print(f"batchlm run (steady)   {n} rows in {steady:7.2f} s  {fig['pipeline_steady_rows_per_s']:.3f} rows/s"
+          f"  = {fig['steady_ratio']:.0%} of bare")
+    print(f"batchlm run (end2end)  {n} rows in {end - t0:7.2f} s  {fig['pipeline_rows_per_s']:.3f} rows/s"
+          f"  = {fig['end_to_end_ratio']:.0%} of bare (includes Ray start and the actor's model load)")
+    print(json.dumps(fig))
+    return 0
