@@ -1,7 +1,9 @@
 """`batchlm bench pipeline`: the pipeline's overhead against bare `LLM.generate`.
 
-Contract: `add_arguments(parser)` declares the options; `bench_pipeline(args)
--> exit code` runs, on the same rows, prompts and engine settings:
+Contract: `register(bench_subparsers)` adds `pipeline` (the hook
+batchlm.bench.cli calls; standard library only at import);
+`add_arguments(parser)` declares the options; `bench_pipeline(args) -> exit
+code` runs, on the same rows, prompts and engine settings:
 
 1. bare: one `LLM`, the rows rendered and tokenized exactly as the engine
    stage does, one `llm.generate` over all of them (model load excluded);
@@ -20,6 +22,18 @@ import json
 import os
 import tempfile
 import time
+
+
+def register(bench_sub) -> None:
+    p = bench_sub.add_parser("pipeline", help="batchlm run vs bare LLM.generate rows/s on the same rows")
+    add_arguments(p)
+    p.set_defaults(func=_guarded_bench)
+
+
+def _guarded_bench(args) -> int:
+    from batchlm.pipelines.cli import _guarded
+
+    return _guarded(bench_pipeline, args)
 
 
 def add_arguments(p) -> None:
