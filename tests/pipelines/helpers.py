@@ -11,7 +11,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "examples" / "data" / "python_docs.parquet"
-CLI = [sys.executable, "-m", "batchlm.pipelines"]
+CLI = [sys.executable, "-m", "batchlm"]
 
 
 def deep_merge(base: dict, over: dict) -> dict:

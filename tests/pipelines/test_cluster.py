@@ -1,4 +1,4 @@
-"""`ray job submit --working-dir . -- python -m batchlm.pipelines run job.yaml`
+"""`ray job submit --working-dir . -- python -m batchlm run job.yaml`
 against a local Ray head on 127.0.0.1 (dashboard on, as a cluster has it):
 the job runs on the cluster, not in an embedded Ray, and writes its output.
 The head is started with --block in its own session and stopped by killing
@@ -41,7 +41,7 @@ def test_ray_job_submit_to_local_head(tmp_path, tiny_model):
         write_yaml(work / "job.yaml", tiny_job(tiny_model, str(out), input={"limit": ROWS},
                                                output={"rows_per_shard": 8}))
         submit = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(work),
-                  "--", sys.executable, "-m", "batchlm.pipelines", "run", "job.yaml"]
+                  "--", sys.executable, "-m", "batchlm", "run", "job.yaml"]
         t0 = time.monotonic()
         while True:  # the dashboard takes a few seconds to accept jobs
             p = subprocess.run(submit, capture_output=True, text=True, timeout=600, cwd=REPO,
