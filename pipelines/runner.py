@@ -197,13 +197,12 @@ def _record(table) -> UnitRecord:
                       input_tokens=total("num_input_tokens"), output_tokens=total("num_output_tokens"))
 
 
-def _first_error(table, id_name: str) -> str | None:
+def _first_error(table, id_name: str) -> tuple[str, str] | None:
+    """(row id, error) of the first failed row, or None."""
     import pyarrow.compute as pc
 
     bad = table.filter(pc.is_valid(table["error"]))
-    if bad.num_rows == 0:
-        return None
-    return f"{bad[id_name][0].as_py()}: {bad['error'][0].as_py()}"
+    return (bad[id_name][0].as_py(), bad["error"][0].as_py()) if bad.num_rows else None
 
 
 def run_job(cfg: JobConfig, overwrite: bool = False, stream=None) -> RunResult:
@@ -230,10 +229,9 @@ def run_job(cfg: JobConfig, overwrite: bool = False, stream=None) -> RunResult:
             ds = build_dataset(cfg, todo, carry, os.environ.get("BATCHLM_UNIT_TRACE"))
             buffer = _UnitBuffer({u.index: u.num_rows for u in todo})
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-                err = _first_error(batch, id_name)
-                if err and cfg.output.on_error == "fail":
-                    row_id, _, msg = err.partition(": ")
-                    raise RowFailed(row_id, msg)
+                failed = _first_error(batch, id_name) if cfg.output.on_error == "fail" else None
+                if failed:
+                    raise RowFailed(*failed)
                 for unit in buffer.add(batch):
                     table = buffer.pop(unit)
                     rec = _record(table)
@@ -242,7 +240,7 @@ def run_job(cfg: JobConfig, overwrite: bool = False, stream=None) -> RunResult:
                     manifest.save(store)
                     generated += rec.rows
                     if rec.errors and len(examples) < 5:
-                        examples.append(_first_error(table, id_name))
+                        examples.append("{}: {}".format(*_first_error(table, id_name)))
                     progress.update(rec.rows, rec.errors, rec.input_tokens, rec.output_tokens)
         finally:
             if started_ray:
