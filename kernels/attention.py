@@ -123,7 +123,7 @@ class TorchPagedAttention:
     # Decode sequences are gathered in groups of about this many cached tokens,
     # so a group's keys and values stay in the CPU's last-level cache between
     # the gather and the two matmuls that read them.
-    GROUP_TOKENS = 16384
+    GROUP_TOKENS = 8192
 
     def _decode_groups(self, meta, B, dtype):
         groups = meta.derived.get("decode_groups")
