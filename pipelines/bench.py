@@ -52,6 +52,10 @@ def _bare(cfg, rows: int) -> tuple[float, int]:
     units = plan_units(cfg.input, cfg.output.rows_per_shard)
     data = [r for u in units for r in read_unit(cfg.input, u)][:rows]
     template = PromptTemplate(cfg.task)
+    if not cfg.resources.gpus_per_replica:  # the same threads the engine actor gets
+        import torch
+
+        torch.set_num_threads(max(1, int(cfg.resources.cpus_per_replica)))
     llm = LLM(**cfg.model.engine_kwargs())
     enc = PromptEncoder(llm.get_tokenizer(), int(llm.max_model_len), cfg.task.chat_template,
                         cfg.task.on_long_prompt, cfg.sampling.max_tokens)

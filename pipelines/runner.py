@@ -144,7 +144,7 @@ def build_dataset(cfg: JobConfig, todo: list[Unit], carry: list[str], trace_path
     # two such tasks at a time keep the engine fed without reading ahead of it.
     ds = ds.map_batches(
         read_render, batch_size=1, batch_format="pyarrow", num_cpus=0,
-        compute=ray.data.TaskPoolStrategy(size=2),
+        compute=ray.data.TaskPoolStrategy(size=min(2, len(todo))),
         fn_kwargs=dict(input_cfg=cfg.input, task_cfg=cfg.task, id_name=id_column_name(cfg), carry=carry))
     return ds.map_batches(
         EngineStage, batch_size=res.batch_size, batch_format="pyarrow",
