@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 
 from batchlm.pipelines.errors import ConfigError
-from batchlm.pipelines.manifest import MANIFEST, SUCCESS, Manifest, shard_unit
+from batchlm.pipelines.manifest import MANIFEST, SUCCESS, read_manifest, shard_unit
 from batchlm.pipelines.storage import TMP_PREFIX, Store
 
 
@@ -21,9 +21,9 @@ def _when(ts: float | None) -> str:
 def status(path: str, storage_options: dict | None = None) -> tuple[str, bool]:
     store = Store(path, storage_options)
     names = store.list()
-    if MANIFEST not in names:
+    m = read_manifest(store)
+    if m is None:
         raise ConfigError(f"{store.where()}: no {MANIFEST}; not a batchlm output (or the run never started)")
-    m = Manifest.from_json(store.read(MANIFEST))
     shards = {shard_unit(n) for n in names if shard_unit(n) is not None}
     unrecorded = shards - set(m.units)
     t = m.totals()

@@ -111,9 +111,6 @@ class Store:
                 return []
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
 
-    def exists(self, name: str) -> bool:
-        return name in self.list()
-
     def read(self, name: str) -> bytes:
         with store_errors(f"output {self.url}"):
             return self.fs.cat_file(self._p(name))

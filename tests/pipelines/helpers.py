@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +60,9 @@ def read_output(path: str, storage_options: dict | None = None):
 
 def input_ids(limit: int) -> list[str]:
     return [f"python_docs.parquet#{i}" for i in range(limit)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

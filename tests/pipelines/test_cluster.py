@@ -7,29 +7,22 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from .helpers import REPO, input_ids, read_output, tiny_job, write_yaml
+from .helpers import free_port, REPO, input_ids, read_output, tiny_job, write_yaml
 from .procs import kill_driver, start_driver
 
 pytestmark = pytest.mark.ray_cluster
 ROWS = 16
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ray_job_submit_to_local_head(tmp_path, tiny_model):
     ray_bin = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     head = start_driver([ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
                          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",

@@ -5,29 +5,22 @@ resumed; every id once; only shards, the manifest and _SUCCESS in the bucket
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import pytest
 
-from .helpers import CLI, DOCS, cli, input_ids, read_output, tiny_job, write_yaml
+from .helpers import free_port, CLI, DOCS, cli, input_ids, read_output, tiny_job, write_yaml
 from .procs import kill_driver, start_driver
 
 pytestmark = pytest.mark.ray_cluster
 ROWS, PER_UNIT = 64, 8
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def s3(monkeypatch):
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
