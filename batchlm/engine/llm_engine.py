@@ -26,7 +26,7 @@ from batchlm.engine.sequence import Sequence
 from batchlm.kernels import get_attention_backend
 from batchlm.models import kv_cache_shape, load_model
 from batchlm.outputs import RequestOutput
-from batchlm.sampling import Sampler, SamplingRow, prompt_logprobs, token_logprobs
+from batchlm.sampling import Sampler, SamplingRow, prompt_logprobs, request_generator, token_logprobs
 from batchlm.sampling_params import SamplingParams
 
 _NO_MORE_LOGITS = 1 << 62
@@ -86,8 +86,7 @@ class LLMEngine:
         for i in range(params.n):
             seq = self._new_seq(req, i, ids, params)
             seq.logits_from = 0 if params.prompt_logprobs is not None and i == 0 else len(ids) - 1
-            if params.seed is not None:
-                seq.generator = torch.Generator(device=self.device).manual_seed(params.seed + i)
+            seq.generator = request_generator(params, self.device, index=i)
             if lead is not None and self.config.enable_prefix_caching:
                 seq.wait_for = lead
             lead = lead or seq
