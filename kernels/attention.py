@@ -98,26 +98,26 @@ class TorchPagedAttention:
         for i in range(nd, len(meta.seq_lens_list)):
             qlen = meta.query_lens_list[i]
             ctx = meta.seq_lens_list[i]
-            mask = None
-            if ctx > qlen:  # a chunk after cached tokens: causal with an offset
-                mask = meta.derived.get(("mask", i))
-                if mask is None:  # once per step: [Q, ctx] additive bias, -inf where masked
-                    qpos = torch.arange(ctx - qlen, ctx, device=q.device)
-                    allowed = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]
-                    mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
-                    mask = meta.derived[("mask", i)] = mask.masked_fill_(~allowed, float("-inf"))
             out[start:start + qlen] = self._prefill(
                 q[start:start + qlen], k[start:start + qlen], v[start:start + qlen],
-                k_cache, v_cache, meta.block_tables[i], ctx, meta.block_size, scale, mask)
+                k_cache, v_cache, meta, i, scale)
             start += qlen
         return out
 
-    def _gather(self, name, cache, tables):
-        # cache: [KVH, NB, bs, D]; tables: [B, nb] -> [KVH, B, nb * bs, D]
-        KVH, _, bs, D = cache.shape
-        B, nb = tables.shape
-        buf = self._buffer(name, KVH * B * nb * bs * D, cache).view(KVH, B * nb, bs, D)
-        torch.index_select(cache, 1, tables.reshape(-1), out=buf)
+    @staticmethod
+    def _rows(cache, tables):
+        # Row indices of `tables`' blocks in the cache viewed as [KVH * NB, bs * D]:
+        # one index_select over whole contiguous blocks (about 1.7x faster on CPU
+        # than selecting along dim 1 of the 4-d cache).
+        KVH, NB = cache.shape[:2]
+        heads = torch.arange(0, KVH * NB, NB, device=tables.device)
+        return (heads[:, None] + tables.reshape(1, -1)).reshape(-1)
+
+    def _gather(self, name, cache, rows, B, nb):
+        # cache: [KVH, NB, bs, D]; rows from _rows(cache, tables [B, nb]) -> [KVH, B, nb * bs, D]
+        KVH, NB, bs, D = cache.shape
+        buf = self._buffer(name, rows.numel() * bs * D, cache).view(-1, bs * D)
+        torch.index_select(cache.view(KVH * NB, bs * D), 0, rows, out=buf)
         return buf.view(KVH, B, nb * bs, D)
 
     # Decode sequences are gathered in groups of about this many cached tokens,
@@ -125,9 +125,10 @@ class TorchPagedAttention:
     # the gather and the two matmuls that read them.
     GROUP_TOKENS = 8192
 
-    def _decode_groups(self, meta, B, dtype):
+    def _decode_groups(self, meta, B, k_cache):
+        dtype = k_cache.dtype
         groups = meta.derived.get("decode_groups")
-        if groups is None:  # once per step: [(start, end, nb, pad mask)]
+        if groups is None:  # once per step: [(start, end, nb, cache rows, pad mask)]
             groups, lens, bs = [], meta.seq_lens_list[:B], meta.block_size
             i = 0
             while i < B:
@@ -140,7 +141,8 @@ class TorchPagedAttention:
                 L = width
                 pad = torch.arange(L, device=meta.seq_lens.device)[None, :] >= meta.seq_lens[i:j, None]
                 bias = torch.zeros(pad.shape, dtype=dtype, device=pad.device).masked_fill_(pad, float("-inf"))
-                groups.append((i, j, L // bs, bias[None, :, None, :]))  # [1, b, 1, L] additive mask
+                rows = self._rows(k_cache, meta.block_tables[i:j, :L // bs])
+                groups.append((i, j, L // bs, rows, bias[None, :, None, :]))  # [1, b, 1, L] additive mask
                 i = j
             meta.derived["decode_groups"] = groups
         return groups
@@ -153,31 +155,72 @@ class TorchPagedAttention:
         G = H // KVH
         out = torch.empty_like(q)
         qs = (q * scale).view(B, KVH, G, D).transpose(0, 1).to(k_cache.dtype)  # [KVH, B, G, D]
-        for i, j, nb, pad in self._decode_groups(meta, B, k_cache.dtype):
-            tables = meta.block_tables[i:j, :nb]
-            keys = self._gather("k", k_cache, tables)  # [KVH, b, L, D]
-            vals = self._gather("v", v_cache, tables)
+        for i, j, nb, rows, pad in self._decode_groups(meta, B, k_cache):
+            keys = self._gather("k", k_cache, rows, j - i, nb)  # [KVH, b, L, D]
+            vals = self._gather("v", v_cache, rows, j - i, nb)
             # SDPA sees batch=KVH, heads=b, G queries each: no GQA expansion,
-            # and the softmax is fused (far faster than matmul+softmax+matmul).
+            # and no [b, G, L] score temporaries (as fast as matmul + softmax +
+            # matmul here, unlike prefill).
             o = F.scaled_dot_product_attention(qs[:, i:j], keys, vals, attn_mask=pad, scale=1.0)  # [KVH, b, G, D]
             out[i:j] = o.transpose(0, 1).reshape(j - i, H, D).to(q.dtype)
         return out
 
-    @staticmethod
-    def _prefill(q, k, v, k_cache, v_cache, table, ctx, block_size, scale, mask):
+    # Prefill queries are processed in blocks of this many rows on the CPU:
+    # block i only reads the keys up to its own last position (the causal
+    # triangle is mostly skipped) and its scores stay cache-sized.
+    PREFILL_QUERY_BLOCK = 128
+
+    def _prefill(self, q, k, v, k_cache, v_cache, meta, i, scale):
         # q: [Q, H, D]; attends to ctx cached tokens, the last Q of which are its own.
         Q, H, D = q.shape
         KVH = k.shape[1]
+        ctx, bs = meta.seq_lens_list[i], meta.block_size
         if ctx == Q:  # nothing cached before this chunk: use k, v directly
             keys, vals = k.transpose(0, 1), v.transpose(0, 1)  # [KVH, Q, D]
         else:
-            nb = -(-ctx // block_size)
-            idx = table[:nb]
-            keys = k_cache.index_select(1, idx).view(KVH, nb * block_size, D)[:, :ctx].to(q.dtype)
-            vals = v_cache.index_select(1, idx).view(KVH, nb * block_size, D)[:, :ctx].to(q.dtype)
-        # NOTE: on the CPU SDPA kernels a boolean mask is ~2x slower than
-        # is_causal or an additive float mask (measured on the default model).
-        o = F.scaled_dot_product_attention(
-            q.transpose(0, 1), keys, vals, attn_mask=mask, is_causal=mask is None, scale=scale,
-            enable_gqa=H != KVH)
-        return o.transpose(0, 1)  # [Q, H, D]
+            nb = -(-ctx // bs)
+            rows = self._rows(k_cache, meta.block_tables[i, :nb])
+            keys = k_cache.view(-1, bs * D).index_select(0, rows).view(KVH, nb * bs, D)
+            vals = v_cache.view(-1, bs * D).index_select(0, rows).view(KVH, nb * bs, D)
+            keys, vals = keys[:, :ctx].to(q.dtype), vals[:, :ctx].to(q.dtype)
+        if q.device.type != "cpu":
+            mask = None
+            if ctx > Q:  # causal with an offset: [Q, ctx] additive bias
+                allowed = torch.arange(ctx, device=q.device)[None, :] <= torch.arange(ctx - Q, ctx, device=q.device)[:, None]
+                mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+            o = F.scaled_dot_product_attention(
+                q.transpose(0, 1), keys, vals, attn_mask=mask, is_causal=mask is None, scale=scale,
+                enable_gqa=H != KVH)
+            return o.transpose(0, 1)  # [Q, H, D]
+        return self._prefill_blocked(q, keys, vals, meta, scale)
+
+    def _prefill_blocked(self, q, keys, vals, meta, scale):
+        # NOTE: PyTorch's CPU SDPA kernel reaches only ~20 GFLOP/s on this
+        # model's shapes (head_dim 64, a few hundred queries); matmul + softmax
+        # + matmul over query blocks is 3-4x faster (measured: 400 tokens 8.1 ms
+        # vs 2.8 ms, 2048 tokens 238 ms vs 57 ms on 2 cores).
+        Q, H, D = q.shape
+        KVH, ctx = keys.shape[0], keys.shape[1]
+        G = H // KVH
+        qg = (q * scale).view(Q, KVH, G, D).permute(1, 2, 0, 3)  # [KVH, G, Q, D], query head = kvh * G + g
+        keys, vals = keys[:, None], vals[:, None]  # broadcast over G
+        out = torch.empty(KVH, G, Q, D, dtype=q.dtype, device=q.device)
+        qb = self.PREFILL_QUERY_BLOCK
+        for a in range(0, Q, qb):
+            b = min(Q, a + qb)
+            kend = ctx - Q + b  # the block's last query sits at position kend - 1
+            s = torch.matmul(qg[:, :, a:b], keys[:, :, :kend].transpose(-1, -2))  # [KVH, G, b - a, kend]
+            # Only the last b - a columns can lie in the future of a query row.
+            s[..., kend - (b - a):].add_(self._triangle(b - a, s))
+            p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+            torch.matmul(p, vals[:, :, :kend], out=out[:, :, a:b])
+        return out.permute(2, 0, 1, 3).reshape(Q, H, D)
+
+    def _triangle(self, n, like):
+        # [n, n] additive causal mask (-inf above the diagonal), built once per size.
+        key = ("tri", n, like.dtype, like.device)
+        tri = self._scratch.get(key)
+        if tri is None:
+            tri = torch.full((n, n), float("-inf"), dtype=like.dtype, device=like.device).triu_(1)
+            self._scratch[key] = tri
+        return tri

@@ -23,13 +23,16 @@ def dense_attention(q, k, v, scale):
     return torch.einsum("hql,lhd->qhd", scores.softmax(-1), v.double()).float()
 
 
-@pytest.mark.parametrize("group_tokens", [8192, 8])  # 8: every decode in a group of its own
+@pytest.mark.parametrize("group_tokens,query_block", [(8192, 128), (8, 4)])
 @pytest.mark.parametrize("H,KVH,D", [(4, 4, 16), (8, 2, 32), (9, 3, 64)])
-def test_mixed_decode_and_prefill_step_matches_dense(H, KVH, D, group_tokens):
+def test_mixed_decode_and_prefill_step_matches_dense(H, KVH, D, group_tokens, query_block):
+    # group_tokens 8: every decode in a group of its own; query_block 4: prefill
+    # chunks split into several query blocks, the last one partial.
     g = torch.Generator().manual_seed(H * 100 + D)
     bs, num_blocks = 4, 64
     backend = TorchPagedAttention()
     backend.GROUP_TOKENS = group_tokens
+    backend.PREFILL_QUERY_BLOCK = query_block
     # Poison: slots never written hold large garbage (finite: see the NOTE in
     # TorchPagedAttention), so reading one would show.
     k_cache = torch.randn(backend.kv_cache_shape(num_blocks, bs, KVH, D), generator=g) * 1e4
