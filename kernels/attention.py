@@ -128,7 +128,7 @@ class TorchPagedAttention:
     def _decode_groups(self, meta, B, k_cache):
         dtype = k_cache.dtype
         groups = meta.derived.get("decode_groups")
-        if groups is None:  # once per step: [(start, end, nb, cache rows, pad mask)]
+        if groups is None:  # once per step: [(start, end, nb, cache rows, [1, b, 1, L] pad mask, tables)]
             groups, lens, bs = [], meta.seq_lens_list[:B], meta.block_size
             i = 0
             while i < B:
@@ -141,8 +141,8 @@ class TorchPagedAttention:
                 L = width
                 pad = torch.arange(L, device=meta.seq_lens.device)[None, :] >= meta.seq_lens[i:j, None]
                 bias = torch.zeros(pad.shape, dtype=dtype, device=pad.device).masked_fill_(pad, float("-inf"))
-                rows = self._rows(k_cache, meta.block_tables[i:j, :L // bs])
-                groups.append((i, j, L // bs, rows, bias[None, :, None, :]))  # [1, b, 1, L] additive mask
+                tables = meta.block_tables[i:j, :L // bs]
+                groups.append((i, j, L // bs, self._rows(k_cache, tables), bias[None, :, None, :], tables))
                 i = j
             meta.derived["decode_groups"] = groups
         return groups
@@ -155,15 +155,39 @@ class TorchPagedAttention:
         G = H // KVH
         out = torch.empty_like(q)
         qs = (q * scale).view(B, KVH, G, D).transpose(0, 1).to(k_cache.dtype)  # [KVH, B, G, D]
-        for i, j, nb, rows, pad in self._decode_groups(meta, B, k_cache):
-            keys = self._gather("k", k_cache, rows, j - i, nb)  # [KVH, b, L, D]
-            vals = self._gather("v", v_cache, rows, j - i, nb)
-            # SDPA sees batch=KVH, heads=b, G queries each: no GQA expansion,
-            # and no [b, G, L] score temporaries (as fast as matmul + softmax +
-            # matmul here, unlike prefill).
-            o = F.scaled_dot_product_attention(qs[:, i:j], keys, vals, attn_mask=pad, scale=1.0)  # [KVH, b, G, D]
-            out[i:j] = o.transpose(0, 1).reshape(j - i, H, D).to(q.dtype)
+        cpu = q.device.type == "cpu"
+        for i, j, nb, rows, pad, tables in self._decode_groups(meta, B, k_cache):
+            b = j - i
+            keys = self._gather("k", k_cache, rows, b, nb)  # [KVH, b, L, D]
+            if cpu:
+                o = self._decode_cpu(qs[:, i:j], keys, v_cache, pad, meta, i, tables)
+            else:
+                # SDPA sees batch=KVH, heads=b, G queries each: no GQA expansion.
+                vals = self._gather("v", v_cache, rows, b, nb)
+                o = F.scaled_dot_product_attention(qs[:, i:j], keys, vals, attn_mask=pad, scale=1.0)
+            out[i:j] = o.transpose(0, 1).reshape(b, H, D).to(q.dtype)  # o: [KVH, b, G, D]
         return out
+
+    def _decode_cpu(self, qs, keys, v_cache, pad, meta, i, tables):
+        # Scores from the gathered keys, then the values are summed straight
+        # out of the cache by embedding_bag (weights = probabilities), so the
+        # values are read once and never copied: ~25% less time than gathering
+        # both and calling SDPA (measured on the default model's shapes).
+        KVH, b, G, D = qs.shape
+        L = keys.shape[2]
+        s = torch.baddbmm(pad.expand(KVH, b, G, L).reshape(KVH * b, G, L),
+                          qs.reshape(KVH * b, G, D), keys.view(KVH * b, L, D).transpose(1, 2))
+        p = torch.softmax(s, dim=-1)  # [KVH * b, G, L]
+        idx = meta.derived.get(("value_rows", i))
+        if idx is None:  # once per step and group: the cache row of every (kvh, b, g, position)
+            NB, bs = v_cache.shape[1], v_cache.shape[2]
+            pos = torch.arange(L, device=qs.device)
+            slots = tables[:, pos // bs] * bs + pos % bs  # [b, L]
+            heads = torch.arange(0, KVH * NB * bs, NB * bs, device=qs.device)
+            idx = (heads[:, None, None, None] + slots[None, :, None, :]).expand(KVH, b, G, L).reshape(KVH * b * G, L)
+            meta.derived[("value_rows", i)] = idx
+        o = F.embedding_bag(idx, v_cache.view(-1, D), mode="sum", per_sample_weights=p.view(-1, L))
+        return o.view(KVH, b, G, D)
 
     # Prefill queries are processed in blocks of this many rows on the CPU:
     # block i only reads the keys up to its own last position (the causal
