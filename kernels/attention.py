@@ -189,10 +189,12 @@ class TorchPagedAttention:
         o = F.embedding_bag(idx, v_cache.view(-1, D), mode="sum", per_sample_weights=p.view(-1, L))
         return o.view(KVH, b, G, D)
 
-    # Prefill queries are processed in blocks of this many rows on the CPU:
-    # block i only reads the keys up to its own last position (the causal
-    # triangle is mostly skipped) and its scores stay cache-sized.
-    PREFILL_QUERY_BLOCK = 128
+    # Prefill queries are processed in blocks of this many positions on the
+    # CPU: block i only reads the keys up to its own last position (the causal
+    # triangle is mostly skipped) and its scores stay cache-sized. 64 measured
+    # fastest on the default model (prompts of 100-600 tokens: 95 ms vs 113 ms
+    # at 128 and 101 ms at 32 for 40 prompts).
+    PREFILL_QUERY_BLOCK = 64
 
     def _prefill(self, q, k, v, k_cache, v_cache, meta, i, scale):
         # q: [Q, H, D]; attends to ctx cached tokens, the last Q of which are its own.
@@ -226,25 +228,27 @@ class TorchPagedAttention:
         Q, H, D = q.shape
         KVH, ctx = keys.shape[0], keys.shape[1]
         G = H // KVH
-        qg = (q * scale).view(Q, KVH, G, D).permute(1, 2, 0, 3)  # [KVH, G, Q, D], query head = kvh * G + g
-        keys, vals = keys[:, None], vals[:, None]  # broadcast over G
-        out = torch.empty(KVH, G, Q, D, dtype=q.dtype, device=q.device)
+        # [KVH, Q * G, D]: the G query heads of a kv head are rows of one matmul
+        # (query head h = kvh * G + g; row = position * G + g).
+        qg = (q * scale).view(Q, KVH, G, D).transpose(0, 1).reshape(KVH, Q * G, D)
+        out = torch.empty(KVH, Q * G, D, dtype=q.dtype, device=q.device)
         qb = self.PREFILL_QUERY_BLOCK
         for a in range(0, Q, qb):
             b = min(Q, a + qb)
             kend = ctx - Q + b  # the block's last query sits at position kend - 1
-            s = torch.matmul(qg[:, :, a:b], keys[:, :, :kend].transpose(-1, -2))  # [KVH, G, b - a, kend]
+            s = torch.bmm(qg[:, a * G:b * G], keys[:, :kend].transpose(1, 2))  # [KVH, (b - a) * G, kend]
             # Only the last b - a columns can lie in the future of a query row.
-            s[..., kend - (b - a):].add_(self._triangle(b - a, s))
+            s[..., kend - (b - a):].add_(self._triangle(b - a, G, s))
             p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
-            torch.matmul(p, vals[:, :, :kend], out=out[:, :, a:b])
-        return out.permute(2, 0, 1, 3).reshape(Q, H, D)
+            torch.bmm(p, vals[:, :kend], out=out[:, a * G:b * G])
+        return out.view(KVH, Q, G, D).transpose(0, 1).reshape(Q, H, D)
 
-    def _triangle(self, n, like):
-        # [n, n] additive causal mask (-inf above the diagonal), built once per size.
-        key = ("tri", n, like.dtype, like.device)
+    def _triangle(self, n, G, like):
+        # [n * G, n] additive causal mask (-inf above the diagonal, each row
+        # repeated for the G heads of a kv head), built once per size.
+        key = ("tri", n, G, like.dtype, like.device)
         tri = self._scratch.get(key)
         if tri is None:
             tri = torch.full((n, n), float("-inf"), dtype=like.dtype, device=like.device).triu_(1)
-            self._scratch[key] = tri
+            tri = self._scratch[key] = tri.repeat_interleave(G, dim=0)
         return tri
