@@ -12,13 +12,15 @@ The cache of one layer is a (k_cache, v_cache) pair, each of the shape the
 backend's `kv_cache_shape(num_blocks, block_size, KVH, D)` returns; only the
 backend reads or writes it. Slot `s` = block_id * block_size + offset.
 
-`forward(q, k, v, k_cache, v_cache, meta, scale)`:
+`forward(q, k, v, k_cache, v_cache, meta, scale, window=None)`:
   q: [T, H, D]; k, v: [T, KVH, D] (rotary already applied; may be strided views).
   It first writes k, v into the cache at `meta.slot_mapping`, then returns
   out: [T, H, D], where each query token attends causally to every cached
   token of its own sequence up to and including its own position
   (prefix-cached and earlier-chunk tokens included). H must be a multiple of
   KVH (grouped-query attention: query head h reads kv head h // (H // KVH)).
+  window: a sliding-window layer's size W, or None: a query at position p then
+  sees only positions j with p - W < j <= p (transformers' convention).
 
 It knows nothing about requests, scheduling or sampling.
 """
@@ -84,7 +86,8 @@ class TorchPagedAttention:
             self._scratch[name] = buf
         return buf[:numel]
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                window: int | None = None):
         T, H, D = q.shape
         KVH = k.shape[1]
         # Write the new keys/values into their slots: cache viewed as [KVH, slots, D].
@@ -93,14 +96,14 @@ class TorchPagedAttention:
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
-            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, scale)
+            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, scale, window)
         start = nd
         for i in range(nd, len(meta.seq_lens_list)):
             qlen = meta.query_lens_list[i]
             ctx = meta.seq_lens_list[i]
             out[start:start + qlen] = self._prefill(
                 q[start:start + qlen], k[start:start + qlen], v[start:start + qlen],
-                k_cache, v_cache, meta, i, scale)
+                k_cache, v_cache, meta, i, scale, window)
             start += qlen
         return out
 
@@ -147,7 +150,7 @@ class TorchPagedAttention:
             meta.derived["decode_groups"] = groups
         return groups
 
-    def _decode(self, q, k_cache, v_cache, meta, scale):
+    def _decode(self, q, k_cache, v_cache, meta, scale, window):
         # q: [B, H, D], one query per sequence. NOTE: the runner orders decodes
         # by length, so each group's padded gather wastes little.
         B, H, D = q.shape
@@ -158,6 +161,8 @@ class TorchPagedAttention:
         cpu = q.device.type == "cpu"
         for i, j, nb, rows, pad, tables in self._decode_groups(meta, B, k_cache):
             b = j - i
+            if window is not None:
+                pad = self._window_bias(meta, i, j, pad, window)
             keys = self._gather("k", k_cache, rows, b, nb)  # [KVH, b, L, D]
             if cpu:
                 o = self._decode_cpu(qs[:, i:j], keys, v_cache, pad, meta, i, tables)
@@ -167,6 +172,16 @@ class TorchPagedAttention:
                 o = F.scaled_dot_product_attention(qs[:, i:j], keys, vals, attn_mask=pad, scale=1.0)
             out[i:j] = o.transpose(0, 1).reshape(b, H, D).to(q.dtype)  # o: [KVH, b, G, D]
         return out
+
+    @staticmethod
+    def _window_bias(meta, i, j, pad, window):
+        # pad [1, b, 1, L] plus -inf before each decode's window (once per step, group and W).
+        bias = meta.derived.get(("window", i, window))
+        if bias is None:
+            pos = torch.arange(pad.shape[-1], device=pad.device)
+            early = pos[None, :] < (meta.seq_lens[i:j, None] - window)
+            bias = meta.derived[("window", i, window)] = pad.masked_fill(early[None, :, None, :], float("-inf"))
+        return bias
 
     def _decode_cpu(self, qs, keys, v_cache, pad, meta, i, tables):
         # Scores from the gathered keys, then the values are summed straight
@@ -196,7 +211,7 @@ class TorchPagedAttention:
     # at 128 and 101 ms at 32 for 40 prompts).
     PREFILL_QUERY_BLOCK = 64
 
-    def _prefill(self, q, k, v, k_cache, v_cache, meta, i, scale):
+    def _prefill(self, q, k, v, k_cache, v_cache, meta, i, scale, window):
         # q: [Q, H, D]; attends to ctx cached tokens, the last Q of which are its own.
         Q, H, D = q.shape
         KVH = k.shape[1]
@@ -211,16 +226,20 @@ class TorchPagedAttention:
             keys, vals = keys[:, :ctx].to(q.dtype), vals[:, :ctx].to(q.dtype)
         if q.device.type != "cpu":
             mask = None
-            if ctx > Q:  # causal with an offset: [Q, ctx] additive bias
-                allowed = torch.arange(ctx, device=q.device)[None, :] <= torch.arange(ctx - Q, ctx, device=q.device)[:, None]
+            if ctx > Q or window is not None:  # [Q, ctx] additive bias
+                qpos = torch.arange(ctx - Q, ctx, device=q.device)[:, None]
+                kpos = torch.arange(ctx, device=q.device)[None, :]
+                allowed = kpos <= qpos
+                if window is not None:
+                    allowed &= kpos > qpos - window
                 mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
             o = F.scaled_dot_product_attention(
                 q.transpose(0, 1), keys, vals, attn_mask=mask, is_causal=mask is None, scale=scale,
                 enable_gqa=H != KVH)
             return o.transpose(0, 1)  # [Q, H, D]
-        return self._prefill_blocked(q, keys, vals, meta, scale)
+        return self._prefill_blocked(q, keys, vals, meta, scale, window)
 
-    def _prefill_blocked(self, q, keys, vals, meta, scale):
+    def _prefill_blocked(self, q, keys, vals, meta, scale, window=None):
         # NOTE: PyTorch's CPU SDPA kernel reaches only ~20 GFLOP/s on this
         # model's shapes (head_dim 64, a few hundred queries); matmul + softmax
         # + matmul over query blocks is 3-4x faster (measured: 400 tokens 8.1 ms
@@ -235,12 +254,23 @@ class TorchPagedAttention:
         qb = self.PREFILL_QUERY_BLOCK
         for a in range(0, Q, qb):
             b = min(Q, a + qb)
-            kend = ctx - Q + b  # the block's last query sits at position kend - 1
-            s = torch.bmm(qg[:, a * G:b * G], keys[:, :kend].transpose(1, 2))  # [KVH, (b - a) * G, kend]
-            # Only the last b - a columns can lie in the future of a query row.
-            s[..., kend - (b - a):].add_(self._triangle(b - a, G, s))
+            n, first = b - a, ctx - Q + a  # rows, position of the first
+            kend = first + n  # the block's last query sits at position kend - 1
+            # Keys [kstart, kend): with a window, none before the first row's.
+            kstart = max(0, first - window + 1) if window is not None else 0
+            s = torch.bmm(qg[:, a * G:b * G], keys[:, kstart:kend].transpose(1, 2))  # [KVH, n * G, width]
+            # Only the last n columns can lie in the future of a query row...
+            s[..., kend - kstart - n:].add_(self._triangle(n, G, s))
+            if window is not None and first + n - 1 - window >= kstart:
+                # ... and only the first n before a later row's window.
+                cols = min(n, kend - kstart)
+                r = torch.arange(n, device=q.device)[:, None]
+                c = torch.arange(cols, device=q.device)[None, :]
+                early = torch.zeros(n, cols, dtype=s.dtype, device=q.device).masked_fill_(
+                    kstart + c <= first + r - window, float("-inf"))
+                s[..., :cols].add_(early.repeat_interleave(G, dim=0))
             p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
-            torch.bmm(p, vals[:, :kend], out=out[:, a * G:b * G])
+            torch.bmm(p, vals[:, kstart:kend], out=out[:, a * G:b * G])
         return out.view(KVH, Q, G, D).transpose(0, 1).reshape(Q, H, D)
 
     def _triangle(self, n, G, like):

@@ -17,14 +17,13 @@ and is held by the module, never looked up globally.
 
 It knows nothing about requests, sampling or how the cache blocks are chosen.
 
-NOTE: Mistral/Qwen sliding-window attention is not implemented: results are
-exact only while every sequence is at most `sliding_window` tokens long (true
-whenever max_model_len <= sliding_window, e.g. 4096 for Mistral 7B v0.1;
-Mistral v0.2+ and Qwen2/3 ship with the window disabled).
+Sliding-window attention follows transformers: Mistral applies
+`config.sliding_window` to every layer; Qwen2/Qwen3 to the layers that
+`config.layer_types` marks "sliding_attention" (none unless use_sliding_window).
+The cache still keeps every block of a sequence (no out-of-window freeing).
 """
 from __future__ import annotations
 
-import logging
 from typing import Iterable
 
 import torch
@@ -32,8 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from batchlm.models.rope import RotaryEmbedding
-
-log = logging.getLogger(__name__)
 
 _HAS_RMS_NORM = hasattr(F, "rms_norm")
 
@@ -56,14 +53,27 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(dtype)
 
 
+def sliding_windows(config) -> list[int | None]:
+    """The attention window of each layer (None: full causal attention)."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    n = config.num_hidden_layers
+    if not window:
+        return [None] * n
+    if types is None:
+        return [window] * n
+    return [window if t == "sliding_attention" else None for t in types]
+
+
 def head_dim_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 class Attention(nn.Module):
     def __init__(self, config, attention_backend, qkv_bias: bool, o_bias: bool, qk_norm: bool,
-                 rotary: RotaryEmbedding):
+                 rotary: RotaryEmbedding, window: int | None = None):
         super().__init__()
+        self.window = window
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = head_dim_of(config)
@@ -94,7 +104,7 @@ class Attention(nn.Module):
             qk = qkv[:, :self.q_size + self.kv_size].view(T, H + KVH, self.head_dim)
         # One rotary pass over queries and keys together.
         q, k = self.rotary.apply(qk, *rope).split([H, KVH], dim=1)  # [T, H, D], [T, KVH, D]
-        out = self.attn.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
+        out = self.attn.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window)  # [T, H, D]
         return self.o_proj(out.reshape(T, self.q_size))
 
 
@@ -116,9 +126,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, attention_backend, rotary, qkv_bias, o_bias, qk_norm):
+    def __init__(self, config, attention_backend, rotary, qkv_bias, o_bias, qk_norm, window):
         super().__init__()
-        self.self_attn = Attention(config, attention_backend, qkv_bias, o_bias, qk_norm, rotary)
+        self.self_attn = Attention(config, attention_backend, qkv_bias, o_bias, qk_norm, rotary, window)
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -136,8 +146,8 @@ class LlamaModel(nn.Module):
         rotary = RotaryEmbedding(config, head_dim_of(config), dtype)
         self.rotary = rotary
         self.layers = nn.ModuleList(
-            DecoderLayer(config, attention_backend, rotary, qkv_bias, o_bias, qk_norm)
-            for _ in range(config.num_hidden_layers))
+            DecoderLayer(config, attention_backend, rotary, qkv_bias, o_bias, qk_norm, window)
+            for window in sliding_windows(config))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids, positions, kv_caches, meta):
@@ -162,11 +172,6 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.dtype = dtype
-        window = getattr(config, "sliding_window", None)
-        if window and window < getattr(config, "max_position_embeddings", 0):
-            log.warning("%s: sliding_window=%d is not implemented; outputs are exact only for "
-                        "sequences of at most %d tokens (set max_model_len <= %d)",
-                        type(self).__name__, window, window, window)
         self.model = LlamaModel(config, attention_backend, dtype, self.qkv_bias(config),
                                 self.o_bias(config), self.qk_norm)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))

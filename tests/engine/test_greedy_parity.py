@@ -1,6 +1,6 @@
 """Greedy generations are token-identical to transformers `generate`, for
-every architecture, with prefix caching on and off, chunked prefill forced and
-preemption forced."""
+every architecture (sliding windows included), with prefix caching on and off,
+chunked prefill forced and preemption forced."""
 from __future__ import annotations
 
 import pytest
@@ -17,6 +17,10 @@ ARCHS = {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64})),
     "mistral": (MistralConfig, {}),
+    # Windows far shorter than the prompts: every layer (Mistral), the second
+    # layer only (Qwen2 layer_types from max_window_layers).
+    "mistral-window8": (MistralConfig, dict(sliding_window=8)),
+    "qwen2-window5": (Qwen2Config, dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
     "qwen2": (Qwen2Config, {}),
     "qwen3": (Qwen3Config, dict(head_dim=32)),
 }

@@ -10,8 +10,8 @@ import torch
 from batchlm.kernels import AttentionMetadata, TorchPagedAttention, get_attention_backend
 
 
-def dense_attention(q, k, v, scale):
-    # q: [Q, H, D] for the last Q positions of k, v: [L, KVH, D]
+def dense_attention(q, k, v, scale, window=None):
+    # q: [Q, H, D] for the last Q positions of k, v: [L, KVH, D]; window: see the contract
     Q, H, D = q.shape
     L, KVH, _ = k.shape
     g = H // KVH
@@ -19,13 +19,17 @@ def dense_attention(q, k, v, scale):
     v = v.repeat_interleave(g, dim=1)
     scores = torch.einsum("qhd,lhd->hql", q.double(), k.double()) * scale
     qpos = torch.arange(L - Q, L)[:, None]
-    scores = scores.masked_fill(torch.arange(L)[None, :] > qpos, float("-inf"))
+    kpos = torch.arange(L)[None, :]
+    scores = scores.masked_fill(kpos > qpos, float("-inf"))
+    if window is not None:
+        scores = scores.masked_fill(kpos <= qpos - window, float("-inf"))
     return torch.einsum("hql,lhd->qhd", scores.softmax(-1), v.double()).float()
 
 
+@pytest.mark.parametrize("window", [None, 5, 13])
 @pytest.mark.parametrize("group_tokens,query_block", [(8192, 128), (8, 4)])
 @pytest.mark.parametrize("H,KVH,D", [(4, 4, 16), (8, 2, 32), (9, 3, 64)])
-def test_mixed_decode_and_prefill_step_matches_dense(H, KVH, D, group_tokens, query_block):
+def test_mixed_decode_and_prefill_step_matches_dense(H, KVH, D, group_tokens, query_block, window):
     # group_tokens 8: every decode in a group of its own; query_block 4: prefill
     # chunks split into several query blocks, the last one partial.
     g = torch.Generator().manual_seed(H * 100 + D)
@@ -70,10 +74,10 @@ def test_mixed_decode_and_prefill_step_matches_dense(H, KVH, D, group_tokens, qu
         num_decodes=sum(1 for _, n in shapes if n == 1),
         seq_lens_list=[p + n for p, n in shapes], query_lens_list=[n for _, n in shapes], block_size=bs)
     scale = 1 / math.sqrt(D)
-    out = backend.forward(torch.cat(qs), torch.cat(ks), torch.cat(vs), k_cache, v_cache, meta, scale)
+    out = backend.forward(torch.cat(qs), torch.cat(ks), torch.cat(vs), k_cache, v_cache, meta, scale, window)
     start = 0
     for (past, new), q, kk, vv in zip(shapes, qs, full_k, full_v):
-        ref = dense_attention(q, kk, vv, scale)
+        ref = dense_attention(q, kk, vv, scale, window)
         torch.testing.assert_close(out[start:start + new], ref, rtol=1e-4, atol=1e-5)
         start += new
 
