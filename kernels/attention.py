@@ -165,12 +165,12 @@ class TorchPagedAttention:
                 pad = self._window_bias(meta, i, j, pad, window)
             keys = self._gather("k", k_cache, rows, b, nb)  # [KVH, b, L, D]
             if cpu:
-                o = self._decode_cpu(qs[:, i:j], keys, v_cache, pad, meta, i, tables)
+                o = self._decode_cpu(qs[:, i:j], keys, v_cache, pad, meta, i, tables, window)
             else:
                 # SDPA sees batch=KVH, heads=b, G queries each: no GQA expansion.
                 vals = self._gather("v", v_cache, rows, b, nb)
                 o = F.scaled_dot_product_attention(qs[:, i:j], keys, vals, attn_mask=pad, scale=1.0)
-            out[i:j] = o.transpose(0, 1).reshape(b, H, D).to(q.dtype)  # o: [KVH, b, G, D]
+            out[i:j].view(b, KVH, G, D).copy_(o.transpose(0, 1))  # o: [KVH, b, G, D]
         return out
 
     @staticmethod
@@ -183,15 +183,17 @@ class TorchPagedAttention:
             bias = meta.derived[("window", i, window)] = pad.masked_fill(early[None, :, None, :], float("-inf"))
         return bias
 
-    def _decode_cpu(self, qs, keys, v_cache, pad, meta, i, tables):
+    def _decode_cpu(self, qs, keys, v_cache, pad, meta, i, tables, window):
         # Scores from the gathered keys, then the values are summed straight
         # out of the cache by embedding_bag (weights = probabilities), so the
         # values are read once and never copied: ~25% less time than gathering
         # both and calling SDPA (measured on the default model's shapes).
         KVH, b, G, D = qs.shape
         L = keys.shape[2]
-        s = torch.baddbmm(pad.expand(KVH, b, G, L).reshape(KVH * b, G, L),
-                          qs.reshape(KVH * b, G, D), keys.view(KVH * b, L, D).transpose(1, 2))
+        bias = meta.derived.get(("bias", i, window))
+        if bias is None:  # once per step and group (not per layer): the mask as a bmm input
+            bias = meta.derived[("bias", i, window)] = pad.expand(KVH, b, G, L).reshape(KVH * b, G, L)
+        s = torch.baddbmm(bias, qs.reshape(KVH * b, G, D), keys.view(KVH * b, L, D).transpose(1, 2))
         p = torch.softmax(s, dim=-1)  # [KVH * b, G, L]
         idx = meta.derived.get(("value_rows", i))
         if idx is None:  # once per step and group: the cache row of every (kvh, b, g, position)
