@@ -21,6 +21,9 @@ class EngineConfig:
     seed: int = 0
     attention_backend: str = "auto"
     quantization: str | None = None
+    # torch.compile the model's layers (attention stays eager): fused norms,
+    # rotary and activations; costs ~10 s of compiling when the engine starts.
+    compile_model: bool = False
 
     def __post_init__(self):
         def bad(name, allowed):

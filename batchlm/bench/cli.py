@@ -36,6 +36,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache budget in bytes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's layers (LLM(compile_model=True))")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON here")
     p.set_defaults(argv=None)
 

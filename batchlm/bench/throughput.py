@@ -127,7 +127,7 @@ def run(args) -> int:
         llm = LLM(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens,
                   enable_prefix_caching=not args.no_prefix_caching,
-                  kv_cache_memory=args.kv_cache_memory, seed=args.seed)
+                  kv_cache_memory=args.kv_cache_memory, seed=args.seed, compile_model=args.compile)
         model_dir = str(llm.model_dir)
     config = AutoConfig.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -157,7 +157,8 @@ def run(args) -> int:
 
     print()
     print(f"command:  {command_line(args.argv)}")
-    print(f"model:    {args.model} ({model_dir}), dtype {args.dtype}")
+    print(f"model:    {args.model} ({model_dir}), dtype {args.dtype}"
+          + (", layers torch.compile'd (compile time not in the figures)" if args.compile else ""))
     print(f"workload: {work.description}; {work.num_prompt_tokens} prompt tokens "
           f"(min {min(lens)}, median {statistics.median(lens):.0f}, max {max(lens)})")
     print(f"machine:  torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -175,7 +176,7 @@ def run(args) -> int:
     if args.json:
         write_json(args.json, {
             "command": command_line(args.argv), "model": args.model, "model_dir": model_dir,
-            "dtype": args.dtype, "workload": work.description, "num_prompts": len(work.prompts),
+            "dtype": args.dtype, "compile_model": args.compile, "workload": work.description, "num_prompts": len(work.prompts),
             "prompt_tokens": work.num_prompt_tokens, "matmul_gflops": gflops, "repeats": args.repeats,
             "threads": torch.get_num_threads(), "rows": [r.to_dict() for r in rows], **summary})
         print(f"\nwrote {args.json}")

@@ -40,6 +40,11 @@ class LLMEngine:
         attention = get_attention_backend(device, config.attention_backend)
         loaded = load_model(config.model, dtype, device, attention)
         self.model = loaded.module
+        if config.compile_model:
+            # Attention runs eagerly between compiled regions: its Python
+            # loops over sequences would otherwise recompile on every step.
+            attention.forward = torch.compiler.disable(attention.forward)
+            self.model.model.compile(dynamic=True)
         self.tokenizer = loaded.tokenizer
         self.hf_config = loaded.hf_config
         self.model_dir = loaded.model_dir

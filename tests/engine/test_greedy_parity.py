@@ -1,6 +1,6 @@
 """Greedy generations are token-identical to transformers `generate`, for
 every architecture (sliding windows included), with prefix caching on and off,
-chunked prefill forced and preemption forced."""
+chunked prefill forced, preemption forced and the layers torch.compile'd."""
 from __future__ import annotations
 
 import pytest
@@ -45,7 +45,7 @@ def arch(request, tmp_path_factory):
     return d, prompts, hf_greedy(model, prompts, MAX_NEW)
 
 
-@pytest.mark.parametrize("mode", ["default", "no-prefix-cache", "chunked", "preempt"])
+@pytest.mark.parametrize("mode", ["default", "no-prefix-cache", "chunked", "preempt", "compiled"])
 def test_greedy_matches_transformers(arch, mode):
     d, prompts, ref = arch
     kwargs = dict(kv_cache_memory=1 << 24)
@@ -53,6 +53,8 @@ def test_greedy_matches_transformers(arch, mode):
         kwargs["enable_prefix_caching"] = False
     elif mode == "chunked":
         kwargs["max_num_batched_tokens"] = 7  # every prompt but one is split
+    elif mode == "compiled":
+        kwargs["compile_model"] = True
     elif mode == "preempt":
         llm_probe = LLM(model=d, kv_cache_memory=1 << 20)
         per_block = (1 << 20) // llm_probe.engine.block_manager.num_blocks
