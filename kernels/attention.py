@@ -124,8 +124,8 @@ class TorchPagedAttention:
         return buf.view(KVH, B, nb * bs, D)
 
     # Decode sequences are gathered in groups of about this many cached tokens,
-    # so a group's keys and values stay in the CPU's last-level cache between
-    # the gather and the two matmuls that read them.
+    # so a group's gathered keys stay in the CPU's last-level cache between
+    # the gather and the matmul that reads them.
     GROUP_TOKENS = 8192
 
     def _decode_groups(self, meta, B, k_cache):
@@ -222,7 +222,9 @@ class TorchPagedAttention:
             keys, vals = k.transpose(0, 1), v.transpose(0, 1)  # [KVH, Q, D]
         else:
             nb = -(-ctx // bs)
-            rows = self._rows(k_cache, meta.block_tables[i, :nb])
+            rows = meta.derived.get(("prefill_rows", i))
+            if rows is None:  # once per step, not per layer
+                rows = meta.derived[("prefill_rows", i)] = self._rows(k_cache, meta.block_tables[i, :nb])
             keys = k_cache.view(-1, bs * D).index_select(0, rows).view(KVH, nb * bs, D)
             vals = v_cache.view(-1, bs * D).index_select(0, rows).view(KVH, nb * bs, D)
             keys, vals = keys[:, :ctx].to(q.dtype), vals[:, :ctx].to(q.dtype)
@@ -239,9 +241,9 @@ class TorchPagedAttention:
                 q.transpose(0, 1), keys, vals, attn_mask=mask, is_causal=mask is None, scale=scale,
                 enable_gqa=H != KVH)
             return o.transpose(0, 1)  # [Q, H, D]
-        return self._prefill_blocked(q, keys, vals, meta, scale, window)
+        return self._prefill_blocked(q, keys, vals, scale, window)
 
-    def _prefill_blocked(self, q, keys, vals, meta, scale, window=None):
+    def _prefill_blocked(self, q, keys, vals, scale, window=None):
         # NOTE: PyTorch's CPU SDPA kernel reaches only ~20 GFLOP/s on this
         # model's shapes (head_dim 64, a few hundred queries); matmul + softmax
         # + matmul over query blocks is 3-4x faster (measured: 400 tokens 8.1 ms

@@ -176,7 +176,8 @@ def run(args) -> int:
     if args.json:
         write_json(args.json, {
             "command": command_line(args.argv), "model": args.model, "model_dir": model_dir,
-            "dtype": args.dtype, "compile_model": args.compile, "workload": work.description, "num_prompts": len(work.prompts),
+            "dtype": args.dtype, "compile_model": args.compile, "workload": work.description,
+            "num_prompts": len(work.prompts),
             "prompt_tokens": work.num_prompt_tokens, "matmul_gflops": gflops, "repeats": args.repeats,
             "threads": torch.get_num_threads(), "rows": [r.to_dict() for r in rows], **summary})
         print(f"\nwrote {args.json}")

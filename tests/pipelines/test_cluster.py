@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from .helpers import free_port, REPO, input_ids, read_output, tiny_job, write_yaml
+from .helpers import REPO, free_port, input_ids, read_output, tiny_job, write_yaml
 from .procs import kill_driver, start_driver
 
 pytestmark = pytest.mark.ray_cluster

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from .helpers import free_port, CLI, DOCS, cli, input_ids, read_output, tiny_job, write_yaml
+from .helpers import CLI, DOCS, cli, free_port, input_ids, read_output, tiny_job, write_yaml
 from .procs import kill_driver, start_driver
 
 pytestmark = pytest.mark.ray_cluster
