@@ -2,13 +2,16 @@
 
 Contract
 --------
-- `load_config(path, overrides=()) -> JobConfig`. The file is read with
-  `yaml.safe_load`; `overrides` are `dotted.key=value` strings (the value is
-  parsed as YAML, so `--set sampling.max_tokens=64` gives an int); then every
-  `${ENV_VAR}` inside a string is replaced from the environment; then pydantic
-  validates with unknown keys forbidden and no type coercion. Any problem
-  raises ConfigError with the key's dotted path and a hint; values are never
-  echoed (they may be secrets).
+- `load_config(path, overrides=()) -> JobConfig`. The file must be UTF-8 and
+  is read with safe_load's rules (no code tags), except that a key given twice
+  in one mapping is an error naming the key and its lines; `overrides` are
+  `dotted.key=value` strings (the value is parsed as YAML, so `--set
+  sampling.max_tokens=64` gives an int); a config that expands past
+  MAX_CONFIG_VALUES values through YAML aliases is refused before anything
+  copies it; then every `${ENV_VAR}` inside a string is replaced from the
+  environment; then pydantic validates with unknown keys forbidden and no type
+  coercion. Any problem raises ConfigError with the key's dotted path and a
+  hint; values are never echoed (they may be secrets).
 - The `model` and `sampling` sections are generated from the engine's own
   dataclasses (EngineConfig, SamplingParams), so every engine option and every
   sampling field is accepted by name and checked by the engine's own rules.
@@ -25,6 +28,7 @@ import json
 import os
 import re
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -209,7 +213,61 @@ def diff_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> l
 
 # --- loading ---------------------------------------------------------------
 
+# NOTE: a YAML alias loads as its anchor's own object, shared: a few hundred
+# bytes of nested aliases expand to billions of values for any code that
+# copies the tree. Loading refuses a config past this many expanded values
+# before anything copies it.
+MAX_CONFIG_VALUES = 100_000
+
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader (no code tags) that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            _refuse_duplicate_keys(self, node, deep)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _refuse_duplicate_keys(loader: _StrictLoader, node: yaml.MappingNode, deep: bool) -> None:
+    first: dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *base` is meant to be overridden by the keys beside it
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            seen = first.setdefault(key, key_node)
+        except TypeError:  # an unhashable key: SafeLoader reports it
+            continue
+        if seen is not key_node:
+            line, first_line = key_node.start_mark.line + 1, seen.start_mark.line + 1
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} on line {line} (first on line {first_line})")
+
+
+def _expanded_size(node, memo: dict[int, int | None]) -> int:
+    """How many values `node` holds once YAML aliases are expanded.
+
+    Each shared object is walked once (memo on id()) and its count reused, so
+    this is linear in the YAML's size however far the aliases expand.
+    """
+    if not isinstance(node, (dict, list)):
+        return 1
+    if id(node) in memo:
+        if memo[id(node)] is None:
+            raise ConfigError("a YAML alias is used inside its own anchor (the config refers to itself)")
+        return memo[id(node)]
+    memo[id(node)] = None  # in progress: meeting it again is a cycle
+    total = 1
+    for child in node.values() if isinstance(node, dict) else node:
+        total += _expanded_size(child, memo)
+        if total > MAX_CONFIG_VALUES:
+            raise ConfigError(f"the config expands to too many values (over {MAX_CONFIG_VALUES} "
+                              "once its YAML aliases are expanded); check the anchors (&name) and aliases (*name)")
+    memo[id(node)] = total
+    return total
 
 
 def _interpolate(node, path: str):
@@ -237,7 +295,10 @@ def apply_override(raw: dict, override: str) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {p} is not a section")
-    node[leaf] = yaml.safe_load(value) if value.strip() else ""
+    try:
+        node[leaf] = yaml.load(value, Loader=_StrictLoader) if value.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {key.strip()}: the value is not valid YAML") from None
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:
@@ -277,6 +338,7 @@ def parse_config(raw: Any, source: str = "config") -> JobConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping with sections input, task, output, ...")
     try:
+        _expanded_size(raw, {})
         raw = _interpolate(raw, "")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
@@ -288,14 +350,34 @@ def parse_config(raw: Any, source: str = "config") -> JobConfig:
         raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(lines)) from None
 
 
-def load_config(path: str, overrides: typing.Iterable[str] = ()) -> JobConfig:
+def _first_bad_utf8_line(path: str) -> int:
+    data = Path(path).read_bytes()
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return data.count(b"\n", 0, e.start) + 1
+    return 1
+
+
+def _read_yaml(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.load(f, Loader=_StrictLoader)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text (line {_first_bad_utf8_line(path)}); "
+                          "save the config as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config: {e.strerror}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: the YAML is nested too deeply") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+
+
+def load_config(path: str, overrides: typing.Iterable[str] = ()) -> JobConfig:
+    raw = _read_yaml(path)
     raw = raw if raw is not None else {}
     for o in overrides:
         if not isinstance(raw, dict):

@@ -2,7 +2,11 @@
 environment interpolation, secrets never printed, result-field diffs."""
 from __future__ import annotations
 
+import textwrap
+import tracemalloc
+
 import pytest
+import yaml
 
 from batchlm.pipelines.config import diff_fields, load_config, parse_config, result_fields
 from batchlm.pipelines.errors import ConfigError
@@ -82,3 +86,104 @@ def test_cli_config_errors_exit_2_without_traceback(tmp_path, case, expect):
         assert "Traceback" not in p.stderr and expect in p.stderr, p.stderr
         assert p.stderr.strip().startswith("error:"), p.stderr
         assert str(DOCS) not in p.stderr or case != "unreachable_s3"
+
+
+
+# --- loading: aliases, duplicate keys, encoding -----------------------------
+
+def _job_yaml(tmp_path, extra: str = "") -> str:
+    """A valid tiny job written as YAML text, with `extra` appended."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_job("m", "o"), sort_keys=False) + extra)
+    return str(path)
+
+
+def _load_err(path: str, overrides=()) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides)
+    return str(e.value)
+
+
+def _alias_bomb(indent: str = "  ") -> str:
+    """Billion laughs: nine levels, each listing the one before nine times (9**9 values)."""
+    lines = [f"{indent}a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"{indent}a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    return "\n".join(lines) + "\n"
+
+
+def test_yaml_alias_bomb_is_refused_in_little_memory(tmp_path):
+    bomb = "lol:\n" + _alias_bomb()  # under an unknown key: refused before validation sees it
+    assert len(bomb) < 700
+    path = _job_yaml(tmp_path, bomb)
+    tracemalloc.start()
+    try:
+        msg = _load_err(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert msg == (f"{path}: the config expands to too many values (over 100000 once its YAML aliases "
+                   "are expanded); check the anchors (&name) and aliases (*name)")
+    assert peak < 20 << 20, peak
+
+
+def test_alias_bomb_in_a_set_value_and_alias_cycles_are_refused(tmp_path):
+    path = _job_yaml(tmp_path)
+    flow_bomb = "{" + _alias_bomb(indent="").replace("\n", ", ").rstrip(", ") + "}"
+    assert "expands to too many values" in _load_err(path, [f"lol={flow_bomb}"])
+    for cycle in ("lol: &l [x, *l]\n", "lol: &l {a: *l}\n"):
+        assert _load_err(_job_yaml(tmp_path, cycle)).endswith(
+            "a YAML alias is used inside its own anchor (the config refers to itself)")
+
+
+def test_ordinary_aliases_and_merge_keys_still_load(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(textwrap.dedent("""\
+        input:
+          format: parquet
+          path: DOCS
+          storage_options: &s3 {endpoint_url: "http://h", key: k}
+        task: {prompt: "Summarize: {{ text }}"}
+        output:
+          path: o
+          storage_options: {<<: *s3, key: other}
+        """).replace("DOCS", str(DOCS)))
+    cfg = load_config(str(path))
+    assert cfg.input.storage_options == {"endpoint_url": "http://h", "key": "k"}
+    assert cfg.output.storage_options == {"endpoint_url": "http://h", "key": "other"}
+
+
+@pytest.mark.parametrize("extra,key,first,second", [
+    ("task: {prompt: again}\n", "task", None, 1),  # top level (first: the job's own task)
+    ("x:\n  a: 1\n  a: 2\n", "a", 2, 3),  # nested, block style
+    ("x: [{a: 1, b: 2,\n  a: 3}]\n", "a", 1, 2),  # in a flow mapping inside a list
+])
+def test_duplicate_keys_are_refused_with_key_and_line(tmp_path, extra, key, first, second):
+    path = _job_yaml(tmp_path, extra)
+    job_lines = open(path).read().splitlines()[:-extra.count("\n")]
+    n = len(job_lines)
+    first = job_lines.index(f"{key}:") + 1 if first is None else n + first
+    assert _load_err(path) == (f"{path}: not valid YAML: duplicate key {key!r} on line {n + second} "
+                               f"(first on line {first})")
+
+
+def test_yaml_stays_safe_and_set_values_are_checked(tmp_path):
+    path = _job_yaml(tmp_path, "x: !!python/object/apply:os.system [echo hi]\n")
+    assert "not valid YAML" in _load_err(path) and "os.system" in _load_err(path)
+    path = _job_yaml(tmp_path)
+    assert _load_err(path, ["sampling.stop=[secret-ish, {a: 1, a: 2}]"]) == (
+        "--set sampling.stop: the value is not valid YAML")
+    assert "expected dotted.key=value" in _load_err(path, ["sampling.max_tokens"])
+
+
+def test_non_utf8_config_is_a_config_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(yaml.safe_dump(tiny_job("m", "o"), sort_keys=False).encode() + b"# caf\xe9\n")
+    n = path.read_bytes().count(b"\n")
+    assert _load_err(str(path)) == f"{path}: not UTF-8 text (line {n}); save the config as UTF-8"
+
+
+def test_empty_config_names_the_missing_sections(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("")
+    msg = _load_err(str(path))
+    assert all(f"{s}: required key is missing" in msg for s in ("input", "task", "output")), msg
