@@ -1,31 +1,66 @@
-"""Input sources: deterministic work units, and reading one unit's rows.
+"""Input sources: the input plan (work units, file identities, unique ids), and one unit's rows.
 
 Contract
 --------
-- `plan_units(input_cfg, rows_per_unit) -> list[Unit]`: the input as an
-  ordered list of units; unit k is a fixed slice of one file (or of the
-  dataset) and is the same on every run over the same input, so unit k's
-  shard can be skipped on resume. `limit` keeps the first N rows in this
-  order. Only metadata is read (Parquet footers, HF dataset info); JSON Lines
-  files are scanned once for line offsets, so a unit reads just its bytes.
+- `plan_input(input_cfg, rows_per_unit) -> InputPlan`:
+  - `units`: the input as an ordered list of units; unit k is a fixed slice of
+    one file (or of the dataset) and is the same on every run over the same
+    input, so unit k's shard can be skipped on resume. `limit` keeps the first
+    N rows in this order.
+  - `files`: every file the plan uses (its name relative to the input path;
+    the split name for a Hugging Face dataset) -> its identity, a JSON-able
+    dict that changes when the file's rows do: `size` and `mtime` (local) or
+    `etag` (object stores; `version_id` too where `fs.info` reports one: a
+    single-object path, not a listing); Parquet adds its footer's
+    `num_rows`, `num_row_groups`, `created_by` and short hashes of the
+    `schema` and of the `row_groups` (statistics, sizes, offsets); JSON Lines
+    adds `rows` and a hash of the rows' byte `offsets`; a Hugging Face dataset
+    is `fingerprint` and `num_rows`.
+  - `total_rows`: the rows of all units.
+  Planning reads metadata (Parquet footers, HF dataset info) and scans JSON
+  Lines files once for line offsets (up to the limit), so a unit reads just
+  its bytes. With `id_column` it also reads that column (Parquet, HF) or
+  parses each used line (JSON Lines). It raises ConfigError for: an
+  `id_column` or `columns` name that is not a column of a Parquet/HF input;
+  an id value shared by two rows anywhere in the plan; JSON Lines records
+  separated by a bare \\r (old Mac line endings).
+- `plan_units(input_cfg, rows_per_unit) -> list[Unit]`: `plan_input(...).units`.
 - `read_unit(input_cfg, unit) -> list[dict]`: the unit's rows, in order, each
   with the key `__id` (the `id_column` value as a string, or "<file>#<row>")
-  and, when the
-  row could not be parsed, `__error`. JSON Lines values that are not strings
-  are kept as read (the prompt stage decides what it accepts).
+  and, when the row could not be parsed or has no id, `__error`. JSON Lines
+  values that are not strings are kept as read (the prompt stage decides what
+  it accepts). If the unit's bytes no longer hold its rows (the file changed
+  after planning), ConfigError.
+- JSON Lines has one line rule, used by planning and reading alike (`_lines`):
+  a line ends at \\n (a \\r just before it belongs to the ending); a line of
+  whitespace alone is skipped; a bare \\r anywhere else is JSON whitespace
+  inside the line, never a line break.
 - Problems reaching or reading the input raise ConfigError.
 
 It does not know about prompts, the engine or the output.
 """
 from __future__ import annotations
 
+import array
+import bisect
 import functools
+import hashlib
+import io
+import itertools
 import json
 import posixpath
+import re
+import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 from batchlm.pipelines.errors import ConfigError
 from batchlm.pipelines.storage import make_fs, store_errors
+
+_SUFFIXES = {"parquet": (".parquet",), "jsonl": (".jsonl", ".json", ".ndjson")}
+# NOTE: never valid JSON: a raw \r cannot sit inside a string, so "}<\r>{" is two records on one line.
+_CR_SEPARATED = re.compile(rb"\}[ \t]*\r[ \t\r]*\{")
+_SHOWN = 3  # duplicate ids (and rows of each) named in the error
 
 
 @dataclass(frozen=True)
@@ -36,7 +71,7 @@ class Unit:
     start: int  # first row (position within the file or dataset)
     stop: int  # one past the last row
     byte_start: int = 0  # jsonl only: where row `start` begins
-    byte_end: int = 0  # jsonl only: where row `stop` begins
+    byte_end: int = 0  # jsonl only: where row `stop` begins (or the last row ends)
 
     @property
     def num_rows(self) -> int:
@@ -46,10 +81,52 @@ class Unit:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class InputPlan:
+    units: list[Unit]
+    files: dict[str, dict]  # file name (relative to the input path) or split -> its identity
+
+    @property
+    def total_rows(self) -> int:
+        return sum(u.num_rows for u in self.units)
+
+
+@dataclass(frozen=True)
+class _Scan:
+    """What planning learned about one file (or the Hugging Face split)."""
+
+    file: str
+    name: str
+    rows: int  # the rows the plan uses (the limit applied)
+    identity: dict
+    offsets: list[int] | None = None  # jsonl: where each used row begins, then where the last one ends
+    ids: object = None  # with id_column: the used rows' ids as text (pyarrow large_string array)
+
+
+@dataclass(slots=True)
+class _Line:
+    """One JSON Lines line (never blank); slots, not frozen: one is made per input line."""
+
+    start: int  # byte offset of the line in the file
+    raw: bytes  # the line as read, its \n included
+
+    @property
+    def end(self) -> int:  # just past the line's \n
+        return self.start + len(self.raw)
+
+    @property
+    def data(self) -> bytes:  # without the ending (\n and the \r before it)
+        return self.raw.rstrip(b"\r\n")
+
+
+# --- files -------------------------------------------------------------------------------------------
+
+
 def _files(input_cfg, suffixes: tuple[str, ...]) -> tuple[object, list[tuple[str, str]]]:
     """(fs, [(path, relative name)]) for a file, a directory or a glob, sorted."""
     fs, path = make_fs(input_cfg.path, input_cfg.storage_options)
     with store_errors(f"input {input_cfg.path}"):
+        fs.invalidate_cache()  # NOTE: fsspec reuses filesystems: list afresh, identities must be current
         if any(c in path for c in "*?["):
             found = sorted(fs.glob(path))
             base = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
@@ -66,20 +143,178 @@ def _files(input_cfg, suffixes: tuple[str, ...]) -> tuple[object, list[tuple[str
     return fs, [(f, posixpath.relpath(f, base) if base else f) for f in found]
 
 
-def _chunks(total: int, size: int):
-    for start in range(0, total, size):
-        yield start, min(total, start + size)
+def _short_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
-def _jsonl_offsets(fs, path: str) -> list[int]:
-    """Byte offset of every non-blank line, plus the file size at the end."""
-    offsets, pos = [], 0
+def _stat(fs, path: str) -> dict:
+    """Size and version of a file: mtime (local) or ETag / VersionId (object stores)."""
+    info = fs.info(path)
+    keys = {"mtime": "mtime", "ETag": "etag", "VersionId": "version_id"}
+    return {"size": info["size"]} | {k: info[src] for src, k in keys.items() if info.get(src) is not None}
+
+
+def _require_columns(input_cfg, where: str, present: list[str]) -> None:
+    """input.columns and input.id_column must name columns of the input."""
+    for key, wanted in (("input.columns", input_cfg.columns or []),
+                        ("input.id_column", [input_cfg.id_column] if input_cfg.id_column else [])):
+        missing = [c for c in wanted if c not in present]
+        if missing:
+            raise ConfigError(f"{key}: no column(s) {', '.join(map(repr, missing))} in {where}; "
+                              f"columns: {', '.join(present)}")
+
+
+# --- ids ---------------------------------------------------------------------------------------------
+
+
+def _id_text(value) -> str | None:
+    """A row's id as the output holds it: the id column's value as text (None: missing)."""
+    return None if value is None else str(value)
+
+
+def _id_texts(values):
+    """`_id_text` over a whole pyarrow column: a large_string array."""
+    import pyarrow as pa
+
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    t = values.type
+    if pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t):
+        return values.cast(pa.large_string())  # NOTE: the same text str() gives for these types
+    return pa.array([_id_text(v) for v in values.to_pylist()], pa.large_string())
+
+
+def _check_unique_ids(id_column: str, scans: list[_Scan]) -> None:
+    """ConfigError naming the first duplicate ids and their rows, if any id appears twice."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    used = [s for s in scans if s.rows]
+    if not used:
+        return
+    ids = pa.concat_arrays([s.ids for s in used])
+    counts = pc.value_counts(ids)  # in order of first appearance
+    dups = counts.filter(pc.and_(pc.greater(counts.field("counts"), 1), pc.is_valid(counts.field("values"))))
+    if not len(dups):
+        return
+    starts = [0, *itertools.accumulate(s.rows for s in used)]
+
+    def row(i: int) -> str:
+        k = bisect.bisect_right(starts, i) - 1
+        return f"{used[k].name}#{i - starts[k]}"
+
+    shown = []
+    for value in dups.field("values")[:_SHOWN].to_pylist():
+        where = pc.indices_nonzero(pc.equal(ids, value)).to_pylist()
+        rows = [row(i) for i in where[:_SHOWN]] + (["..."] if len(where) > _SHOWN else [])
+        shown.append(f"{value!r} (rows {', '.join(rows)})")
+    more = f" and {len(dups) - _SHOWN} more" if len(dups) > _SHOWN else ""
+    raise ConfigError(f"input.id_column {id_column!r}: duplicate values: {', '.join(shown)}{more}; "
+                      "every row needs a unique id")
+
+
+# --- JSON Lines --------------------------------------------------------------------------------------
+
+
+def _lines(f) -> Iterator[_Line]:
+    """The JSON Lines rule, the only one (planning and reading both use it): a line ends at \\n
+    (a \\r before it is part of the ending); lines of whitespace alone are skipped."""
+    offset = 0
+    for raw in f:  # NOTE: binary files split on \n only (bytes.splitlines would also split on \r)
+        if not raw.isspace():
+            yield _Line(offset, raw)
+        offset += len(raw)
+
+
+def _parse_row(data: bytes) -> dict:
+    try:
+        row = json.loads(data)
+    except ValueError as e:  # UnicodeDecodeError included
+        return {"__error": f"invalid JSON: {e}"}
+    return row if isinstance(row, dict) else {"__error": "line is JSON but not an object"}
+
+
+def _refuse_cr_separated(name: str, row: int, data: bytes) -> None:
+    if _CR_SEPARATED.search(data):
+        raise ConfigError(f"input {name}: row {row} holds several records separated by a bare \\r (old Mac line "
+                          "endings); JSON Lines ends each line with \\n: convert the file (tr '\\r' '\\n')")
+
+
+def _scan_jsonl(fs, path: str, name: str, input_cfg, limit: int) -> _Scan:
+    import pyarrow as pa
+
+    id_col = input_cfg.id_column
+    offsets, ids, end = [], [], 0
     with fs.open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                offsets.append(pos)
-            pos += len(line)
-    return offsets + [pos]
+        for line in itertools.islice(_lines(f), limit):  # NOTE: reads no further than the limit
+            if b"\r" in line.raw:
+                _refuse_cr_separated(name, len(offsets), line.data)
+            offsets.append(line.start)
+            end = line.end
+            if id_col:
+                ids.append(_id_text(_parse_row(line.data).get(id_col)))
+    rows, offsets = len(offsets), offsets + [end]
+    identity = _stat(fs, path) | {"rows": rows, "offsets": _short_hash(array.array("q", offsets).tobytes())}
+    return _Scan(path, name, rows, identity, offsets, pa.array(ids, pa.large_string()) if id_col else None)
+
+
+def _read_jsonl(fs, unit: Unit) -> list[dict]:
+    with fs.open(unit.file, "rb") as f:
+        f.seek(unit.byte_start)
+        data = f.read(unit.byte_end - unit.byte_start)
+    rows = [_parse_row(line.data) for line in _lines(io.BytesIO(data))]
+    if len(rows) != unit.num_rows:
+        raise ConfigError(f"input {unit.name}: bytes {unit.byte_start}-{unit.byte_end} now hold {len(rows)} rows, "
+                          f"the plan has {unit.num_rows}: the file changed after the run was planned")
+    return rows
+
+
+# --- Parquet -----------------------------------------------------------------------------------------
+
+
+def _parquet_rows(pf, start: int, stop: int, columns):
+    """Rows [start, stop) of an open ParquetFile, reading only the row groups that hold them."""
+    groups, first, row = [], start, 0
+    for g in range(pf.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if row + n > start and row < stop:
+            if not groups:
+                first = row
+            groups.append(g)
+        row += n
+    return pf.read_row_groups(groups, columns=columns).slice(start - first, stop - start)
+
+
+def _footer_identity(pf) -> dict:
+    md = pf.metadata
+    groups = [md.row_group(g).to_dict() for g in range(md.num_row_groups)]
+    return {"num_rows": md.num_rows, "num_row_groups": md.num_row_groups, "created_by": md.created_by,
+            "schema": _short_hash(pf.schema_arrow.serialize().to_pybytes()),
+            "row_groups": _short_hash(json.dumps(groups, default=str).encode())}
+
+
+def _scan_parquet(fs, path: str, name: str, input_cfg, limit: int) -> _Scan:
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        _require_columns(input_cfg, name, pf.schema_arrow.names)
+        rows = min(pf.metadata.num_rows, limit)
+        id_col = input_cfg.id_column
+        ids = _id_texts(_parquet_rows(pf, 0, rows, [id_col]).column(0)) if id_col else None
+    return _Scan(path, name, rows, _stat(fs, path) | _footer_identity(pf), ids=ids)
+
+
+def _read_parquet(fs, unit: Unit, input_cfg, columns) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    with fs.open(unit.file, "rb") as f:
+        pf = pq.ParquetFile(f)
+        _require_columns(input_cfg, unit.name, pf.schema_arrow.names)
+        return _parquet_rows(pf, unit.start, unit.stop, columns).to_pylist()
+
+
+# --- Hugging Face datasets ---------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=4)
@@ -114,80 +349,60 @@ def hf_dataset(input_cfg):
                               "and no such dataset on the hub") from None
 
 
-def plan_units(input_cfg, rows_per_unit: int) -> list[Unit]:
-    units: list[Unit] = []
-    remaining = input_cfg.limit if input_cfg.limit is not None else float("inf")
+def _scan_hf(input_cfg, limit: int) -> _Scan:
+    ds = hf_dataset(input_cfg)
+    split = str(ds.split or "train")
+    _require_columns(input_cfg, f"{input_cfg.path} (split {split})", ds.column_names)
+    rows = min(len(ds), limit)
+    id_col = input_cfg.id_column
+    ids = _id_texts(ds.select(range(rows)).with_format("arrow")[id_col]) if id_col else None
+    return _Scan(split, split, rows, {"fingerprint": ds._fingerprint, "num_rows": len(ds)}, ids=ids)
 
-    def add(file, name, start, stop, offsets=None):
-        nonlocal remaining
-        stop = int(min(stop, start + remaining))
-        if stop <= start:
-            return
-        remaining -= stop - start
-        b0, b1 = (offsets[start], offsets[stop]) if offsets else (0, 0)
-        units.append(Unit(len(units), file, name, start, stop, b0, b1))
 
-    fmt = input_cfg.format
-    if fmt == "huggingface":
-        ds = hf_dataset(input_cfg)
-        for start, stop in _chunks(len(ds), rows_per_unit):
-            add(str(ds.split or "train"), str(ds.split or "train"), start, stop)
-        return units
-    fs, files = _files(input_cfg, (".parquet",) if fmt == "parquet" else (".jsonl", ".json", ".ndjson"))
+# --- the plan ----------------------------------------------------------------------------------------
+
+
+def _scan_input(input_cfg) -> list[_Scan]:
+    """Every file the plan uses, in order, until `limit` rows are reached."""
+    limit = input_cfg.limit or sys.maxsize
+    if input_cfg.format == "huggingface":
+        return [_scan_hf(input_cfg, limit)]
+    scan_file = _scan_parquet if input_cfg.format == "parquet" else _scan_jsonl
+    fs, files = _files(input_cfg, _SUFFIXES[input_cfg.format])
+    scans: list[_Scan] = []
     for path, name in files:
-        if remaining <= 0:
+        if limit <= 0:
             break
         with store_errors(f"input {input_cfg.path}"):
-            if fmt == "parquet":
-                import pyarrow.parquet as pq
+            scans.append(scan_file(fs, path, name, input_cfg, limit))
+        limit -= scans[-1].rows
+    return scans
 
-                with fs.open(path, "rb") as f:
-                    total, offsets = pq.ParquetFile(f).metadata.num_rows, None
-            else:
-                offsets = _jsonl_offsets(fs, path)
-                total = len(offsets) - 1
-        for start, stop in _chunks(total, rows_per_unit):
-            add(path, name, start, stop, offsets)
+
+def _chunks(total: int, size: int):
+    for start in range(0, total, size):
+        yield start, min(total, start + size)
+
+
+def plan_input(input_cfg, rows_per_unit: int) -> InputPlan:
+    scans = _scan_input(input_cfg)
+    if input_cfg.id_column:
+        _check_unique_ids(input_cfg.id_column, scans)
+    units: list[Unit] = []
+    for s in scans:
+        for start, stop in _chunks(s.rows, rows_per_unit):
+            b0, b1 = (s.offsets[start], s.offsets[stop]) if s.offsets is not None else (0, 0)
+            units.append(Unit(len(units), s.file, s.name, start, stop, b0, b1))
     if not units:
         raise ConfigError(f"input {input_cfg.path}: no rows")
-    return units
+    return InputPlan(units, {s.name: s.identity for s in scans})
 
 
-def _read_parquet(fs, unit: Unit, columns):
-    import pyarrow.parquet as pq
-
-    with fs.open(unit.file, "rb") as f:
-        pf = pq.ParquetFile(f)
-        missing = [c for c in columns or [] if c not in pf.schema_arrow.names]
-        if missing:
-            raise ConfigError(f"input {unit.name}: no column(s) {', '.join(missing)}; "
-                              f"columns: {', '.join(pf.schema_arrow.names)}")
-        groups, first, row = [], None, 0
-        for g in range(pf.num_row_groups):
-            n = pf.metadata.row_group(g).num_rows
-            if row + n > unit.start and row < unit.stop:
-                groups.append(g)
-                first = row if first is None else first
-            row += n
-        table = pf.read_row_groups(groups, columns=columns)
-    return table.slice(unit.start - first, unit.num_rows).to_pylist()
+def plan_units(input_cfg, rows_per_unit: int) -> list[Unit]:
+    return plan_input(input_cfg, rows_per_unit).units
 
 
-def _read_jsonl(fs, unit: Unit):
-    with fs.open(unit.file, "rb") as f:
-        f.seek(unit.byte_start)
-        data = f.read(unit.byte_end - unit.byte_start)
-    rows = []
-    for line in data.splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            rows.append(row if isinstance(row, dict) else {"__error": "line is JSON but not an object"})
-        except ValueError as e:
-            rows.append({"__error": f"invalid JSON: {e}"})
-    assert len(rows) == unit.num_rows, f"{unit.name}: expected {unit.num_rows} rows, read {len(rows)}"
-    return rows
+# --- reading -----------------------------------------------------------------------------------------
 
 
 def read_unit(input_cfg, unit: Unit) -> list[dict]:
@@ -199,19 +414,19 @@ def read_unit(input_cfg, unit: Unit) -> list[dict]:
             ds = hf_dataset(input_cfg).select(range(unit.start, unit.stop))
             rows = (ds.select_columns(columns) if columns else ds).to_list()
         elif input_cfg.format == "parquet":
-            rows = _read_parquet(make_fs(input_cfg.path, input_cfg.storage_options)[0], unit, columns)
+            rows = _read_parquet(make_fs(input_cfg.path, input_cfg.storage_options)[0], unit, input_cfg, columns)
         else:
             rows = _read_jsonl(make_fs(input_cfg.path, input_cfg.storage_options)[0], unit)
             if columns:
                 rows = [{k: r[k] for k in columns if k in r} | {k: r[k] for k in ("__error",) if k in r}
                         for r in rows]
     for i, row in enumerate(rows):
-        pos = unit.start + i
+        name_pos = f"{unit.name}#{unit.start + i}"
         if input_cfg.id_column:
-            value = row.get(input_cfg.id_column)
-            row["__id"] = str(value) if value is not None else f"{unit.name}#{pos}"
+            value = _id_text(row.get(input_cfg.id_column))
+            row["__id"] = value if value is not None else name_pos
             if value is None:
                 row.setdefault("__error", f"id column {input_cfg.id_column!r} is missing or null")
         else:
-            row["__id"] = f"{unit.name}#{pos}"
+            row["__id"] = name_pos
     return rows

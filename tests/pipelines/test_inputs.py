@@ -1,7 +1,10 @@
 """Inputs other than Parquet, and bad rows: a Hugging Face dataset saved with
 save_to_disk; JSON Lines with a null, an int where text is expected, a
 template error, a too-long prompt and a broken line (each written with its
-error, the rest completing); `on_error: fail` naming the row."""
+error, the rest completing); `on_error: fail` naming the row. JSON Lines
+line endings: one rule for planning and reading (a bare \\r inside a line,
+\\r\\n endings, Unicode line separators inside strings), old-Mac files refused
+by name, and a file changed after planning is a ConfigError, not a crash."""
 from __future__ import annotations
 
 import io
@@ -10,7 +13,9 @@ import json
 import pytest
 
 from batchlm.pipelines.config import parse_config
+from batchlm.pipelines.errors import ConfigError
 from batchlm.pipelines.runner import run_job
+from batchlm.pipelines.sources import plan_input, read_unit
 
 from .helpers import cli, read_output, tiny_job, write_yaml
 
@@ -45,8 +50,9 @@ def _bad_jsonl(path) -> list[str]:
         json.dumps({"id": "template-error", "text": "fine", "boom": True}),
         json.dumps({"id": "too-long", "text": "many words " * 400}),
         "{this is not json",
+        '{"id": "cr-inside",\r "text": "a bare carriage return between keys"}\r',  # ends \r\n
     ]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_bytes(("\n".join(lines) + "\n").encode())
     return lines
 
 
@@ -61,11 +67,11 @@ def test_malformed_rows_are_recorded_and_the_rest_complete(tmp_path, tiny_model,
                                 task={"prompt": PROMPT}, output={"carry": ["text"], "rows_per_shard": 4}))
     log = io.StringIO()
     result = run_job(cfg, stream=log)
-    assert result.complete and result.rows == 11 and result.errors == 5
+    assert result.complete and result.rows == 12 and result.errors == 5
     rows = {r["id"]: r for r in read_output(str(out)).to_pylist()}
-    assert len(rows) == 11
-    assert all(rows[f"ok{i}"]["error"] is None and rows[f"ok{i}"]["finish_reason"] in ("length", "stop")
-               for i in range(6))
+    assert len(rows) == 12
+    assert all(rows[k]["error"] is None and rows[k]["finish_reason"] in ("length", "stop")
+               for k in [f"ok{i}" for i in range(6)] + ["cr-inside"])
     assert "null" in rows["null-text"]["error"] and "text" in rows["null-text"]["error"]
     assert "int" in rows["int-text"]["error"] and "where text is expected" in rows["int-text"]["error"]
     assert rows["int-text"]["text"] == "12345"  # untyped input: carried as text
@@ -96,3 +102,48 @@ def test_on_error_fail_stops_and_names_the_row(tmp_path, tiny_model):
     assert p.returncode == 1, p.stderr[-2000:]
     assert "Traceback" not in p.stderr
     assert "row 'null-text' failed" in p.stderr or "row 'int-text' failed" in p.stderr, p.stderr[-2000:]
+
+
+def _jsonl_input(path, **kw):
+    return parse_config({"input": {"format": "jsonl", "path": str(path), **kw}, "task": {"prompt": "x"},
+                         "output": {"path": "o"}}).input
+
+
+def test_jsonl_planning_and_reading_split_lines_alike(tmp_path):
+    texts = [f"passage {i}" for i in range(9)]
+    texts[4] = "unicode separators stay inside: \u2028 \u2029 \x85 \x1c end"
+    lines = [json.dumps({"id": f"r{i}", "text": t}, ensure_ascii=False).encode() for i, t in enumerate(texts)]
+    lines[1] = b'{"id": "r1",\r "text": "passage 1"}'  # a bare \r: JSON whitespace, not a line break
+    lines[2] = b'{"id": "r2",\r\r\t"text":\r"passage 2"}\r'  # several, and a \r\n ending
+    lines[6] += b"\r"  # \r\n ending
+    data = b"\n".join(lines[:5]) + b"\n\r\n  \n" + b"\n".join(lines[5:])  # blank lines, no final \n
+    (tmp_path / "rows.jsonl").write_bytes(data)
+    inp = _jsonl_input(tmp_path / "rows.jsonl", id_column="id")
+    for per_unit in (1, 2, 4, 9):
+        plan = plan_input(inp, per_unit)
+        rows = [r for u in plan.units for r in read_unit(inp, u)]
+        assert plan.total_rows == 9 and [r["__id"] for r in rows] == [f"r{i}" for i in range(9)]
+        assert [r["text"] for r in rows] == texts and not any("__error" in r for r in rows)
+
+
+def test_jsonl_with_old_mac_line_endings_is_refused_by_name(tmp_path):
+    records = [json.dumps({"id": i, "text": f"t{i}"}).encode() for i in range(3)]
+    (tmp_path / "mac.jsonl").write_bytes(b"\r".join(records) + b"\r")
+    with pytest.raises(ConfigError) as e:
+        plan_input(_jsonl_input(tmp_path / "mac.jsonl"), 10)
+    assert str(e.value) == ("input mac.jsonl: row 0 holds several records separated by a bare \\r (old Mac "
+                            "line endings); JSON Lines ends each line with \\n: convert the file (tr '\\r' '\\n')")
+    (tmp_path / "mac.jsonl").write_bytes(records[0] + b"\r")  # one record ending in \r alone is one row
+    inp = _jsonl_input(tmp_path / "mac.jsonl")
+    assert [r["text"] for u in plan_input(inp, 10).units for r in read_unit(inp, u)] == ["t0"]
+
+
+def test_jsonl_changed_after_planning_is_a_config_error(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"text": f"t{i}"}) + "\n" for i in range(6)))
+    inp = _jsonl_input(path)
+    units = plan_input(inp, 3).units
+    path.write_text("".join(json.dumps({"text": f"t{i} is longer now"}) + "\n" for i in range(6)))
+    with pytest.raises(ConfigError, match=r"^input rows.jsonl: bytes 0-45 now hold 2 rows, the plan has 3: "
+                                          r"the file changed after the run was planned$"):
+        read_unit(inp, units[0])
