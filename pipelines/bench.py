@@ -28,6 +28,51 @@ def register(bench_sub) -> None:
     p = bench_sub.add_parser("pipeline", help="batchlm run vs bare LLM.generate rows/s on the same rows")
     add_arguments(p)
     p.set_defaults(func=_guarded_bench)
+    p = bench_sub.add_parser("resume-check", help="time of a resume's start-up check of a local output")
+    p.add_argument("--shards", type=int, default=1000, help="committed shards in the output")
+    p.add_argument("--rows-per-shard", type=int, default=100)
+    p.add_argument("--repeat", type=int, default=3, help="runs of the check; the median is reported")
+    p.set_defaults(func=bench_resume_check)
+
+
+def bench_resume_check(args) -> int:
+    """Writes a local output of --shards committed shards, then times open_output on it (a resume's
+    start-up: listing, lease-free checks of every shard's size and footer, manifest save)."""
+    import statistics
+
+    import pyarrow as pa
+
+    from batchlm.pipelines.manifest import ShardFooter, encode_shard, shard_name
+    from batchlm.pipelines.output import Expected, open_output
+    from batchlm.pipelines.storage import Store
+
+    n, rows = args.shards, args.rows_per_shard
+    expected = Expected({"bench": True}, "plan", n, n * rows, {"in.parquet": {"size": 1}}, ("in.parquet",) * n)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(os.path.join(tmp, "out"))
+        store.ensure_root()
+        manifest = open_output(store, expected).manifest
+        for u in range(n):
+            table = pa.table({"id": [f"{u}-{i}" for i in range(rows)], "generated_text": ["x" * 200] * rows,
+                              "error": pa.array([None] * rows, pa.string())})
+            footer = ShardFooter(rows=rows, config_hash=expected.config_hash, plan=expected.plan,
+                                 source=expected.source(u))
+            written = store.write_atomic(shard_name(u), encode_shard(table, footer, "zstd"))
+            rec = footer.record()
+            rec.size, rec.sha256 = written.size, written.sha256
+            manifest.units[u] = rec
+        manifest.save(store)
+        times = []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            opened = open_output(store, expected)
+            times.append(time.perf_counter() - t0)
+            assert len(opened.manifest.units) == n and not opened.notes, opened.notes
+    med = statistics.median(times)
+    print(f"resume start-up check of {n} local shards: median {med:.2f} s over {args.repeat} runs "
+          f"({', '.join(f'{t:.2f}' for t in times)})")
+    print(json.dumps({"shards": n, "median_s": round(med, 3), "runs_s": [round(t, 3) for t in times]}))
+    return 0
 
 
 def _guarded_bench(args) -> int:

@@ -8,11 +8,22 @@ Contract
   `set_defaults(func=handler)`; `handler(args) -> exit code`.
 - Exit codes: 0 done; 1 a row failed with `on_error: fail`, or the run ended
   incomplete; 2 a config or input problem, printed as one message without a
-  traceback; 130 interrupted (rerun the same command to resume).
+  traceback; 130 interrupted by SIGINT (Ctrl-C), 143 by SIGTERM: both stop
+  the run the same way (Ray shut down, the lease released, what was
+  committed kept) and say how to resume.
 """
 from __future__ import annotations
 
+import signal
 import sys
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so a run stops exactly as on Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
 
 
 def _add_config_args(p) -> None:
@@ -44,6 +55,7 @@ def register(sub) -> None:
 def _guarded(fn, args) -> int:
     from batchlm.pipelines.errors import ConfigError, RowFailed
 
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return fn(args)
     except ConfigError as e:
@@ -52,9 +64,12 @@ def _guarded(fn, args) -> int:
     except RowFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"\n{what}; run the same command again to resume", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_command(args) -> int:

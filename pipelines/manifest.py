@@ -1,39 +1,46 @@
-"""The output directory's bookkeeping: shard names, the manifest, resume state.
+"""The output directory's bookkeeping: shard names, records, the manifest.
 
 Layout of an output root
 ------------------------
     part-000000.parquet ...   one shard per work unit, committed atomically
     _manifest.json            config hash + result-changing fields, the plan's
-                              fingerprint, one record per committed unit, runs
+                              fingerprint, each input file's identity, one
+                              record per committed unit (with the shard's
+                              size, sha256 and ETag), runs
     _SUCCESS                  written last, when every unit is committed
+    _lease.json               the running writer (pipelines/lease.py)
+    _damaged/                 shards and manifests found damaged, moved aside
+    .batchlm-tmp-*            a local writer's temporary files
 
 Contract
 --------
-- A unit is committed iff its shard exists: shards are written whole or not
-  at all (Store.write_atomic) and each carries its own record in the Parquet
-  footer (key `batchlm`), so the manifest can always be rebuilt from shards.
-  The manifest is written after each shard; a shard whose manifest update was
-  lost to a crash is adopted from its footer on the next start.
-- `open_output(store, fields, plan_fp, total_units, total_rows, overwrite)`:
-  cleans temporary files, refuses an output written with other
-  result-changing fields (ConfigError listing what differs) or from a
-  different input plan, deletes everything with overwrite=True, and returns
-  the Manifest with exactly the committed units.
+- A unit is committed iff its shard exists and is intact: shards are written
+  whole or not at all (Store.write_atomic) and each carries its own record in
+  the Parquet footer (key `batchlm`: rows, errors, tokens, the config hash,
+  the plan fingerprint and its input file's identity), so the manifest can always be rebuilt from shards.
+- `UnitRecord` is what the manifest keeps of a unit; `ShardFooter` what the
+  shard keeps of itself. A file's own size and checksum cannot be inside the
+  file, so they live in the manifest only, taken when the shard is written.
+- `read_manifest(store) -> Manifest | None` raises ManifestDamaged when the
+  file exists but cannot be parsed; the resume policy (output.py) decides.
+
+It does not decide what a resume accepts: see output.py.
 """
 from __future__ import annotations
 
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
-
-from batchlm.pipelines.config import config_hash, diff_fields
-from batchlm.pipelines.errors import ConfigError
+from dataclasses import asdict, dataclass, field, fields
 
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 FOOTER_KEY = b"batchlm"
 _SHARD = re.compile(r"part-(\d{6})\.parquet$")
+
+
+class ManifestDamaged(Exception):
+    """_manifest.json exists but is not a manifest this version can read."""
 
 
 def shard_name(unit: int) -> str:
@@ -51,6 +58,35 @@ class UnitRecord:
     errors: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    size: int = 0  # bytes of the shard file; 0 = not recorded
+    sha256: str = ""  # of the shard file's bytes, computed while writing
+    etag: str = ""  # object stores: the ETag its single PUT returned
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UnitRecord":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(frozen=True)
+class ShardFooter:
+    """What a shard says of itself (Parquet footer key `batchlm`)."""
+    rows: int
+    errors: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    config_hash: str = ""
+    plan: str = ""
+    source: dict = field(default_factory=dict)  # identity of the unit's input file
+
+    def record(self) -> UnitRecord:
+        return UnitRecord(self.rows, self.errors, self.input_tokens, self.output_tokens)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> "ShardFooter":
+        d = json.loads(raw)
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass
@@ -60,6 +96,7 @@ class Manifest:
     plan: str  # fingerprint of the unit list
     total_units: int
     total_rows: int
+    inputs: dict[str, dict] = field(default_factory=dict)  # input file -> its identity
     units: dict[int, UnitRecord] = field(default_factory=dict)
     runs: list[dict] = field(default_factory=list)
     updated: float = 0.0
@@ -85,68 +122,57 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: bytes) -> "Manifest":
-        d = json.loads(data)
-        d["units"] = {int(k): UnitRecord(**v) for k, v in d["units"].items()}
-        return cls(**d)
+        try:
+            d = json.loads(data)
+            d["units"] = {int(k): UnitRecord.from_dict(v) for k, v in d["units"].items()}
+            m = cls(**d)
+            if not (isinstance(m.config_hash, str) and isinstance(m.plan, str) and isinstance(m.runs, list)
+                    and isinstance(m.total_units, int) and isinstance(m.inputs, dict)):
+                raise TypeError("a field has the wrong type")
+            return m
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ManifestDamaged(f"{type(e).__name__}: {e}") from None
 
     def save(self, store) -> None:
         store.write_atomic(MANIFEST, self.to_json())
 
 
-def read_manifest(store) -> Manifest | None:
-    names = store.list()
+def read_manifest(store, names=None) -> Manifest | None:
+    """The manifest, None when there is none; ManifestDamaged when it cannot be read."""
+    names = store.list() if names is None else names
     return Manifest.from_json(store.read(MANIFEST)) if MANIFEST in names else None
 
 
-def footer_record(store, name: str) -> UnitRecord:
+def read_footer(store, name: str) -> ShardFooter:
+    """The shard's own record; raises ValueError when the file is not a whole batchlm shard."""
     import pyarrow.parquet as pq
 
-    with store.fs.open(f"{store.root}/{name}", "rb") as f:
-        meta = pq.read_metadata(f).metadata or {}
-    return UnitRecord(**json.loads(meta[FOOTER_KEY]))
+    try:
+        with store.open(name) as f:
+            meta = pq.read_metadata(f)
+        raw = (meta.metadata or {}).get(FOOTER_KEY)
+        if raw is None:
+            raise ValueError("no batchlm record in its footer")
+        footer = ShardFooter.from_bytes(raw)
+    except (OSError, TypeError, KeyError) as e:
+        raise ValueError(f"{type(e).__name__}: {e}") from None
+    except Exception as e:  # pyarrow's ArrowInvalid: not Parquet, truncated footer
+        if type(e).__name__ in ("ArrowInvalid", "ArrowIOError", "JSONDecodeError"):
+            raise ValueError(str(e)) from None
+        raise
+    if meta.num_rows != footer.rows:
+        raise ValueError(f"footer says {footer.rows} rows, the file holds {meta.num_rows}")
+    return footer
 
 
-def open_output(store, fields: dict, plan_fp: str, total_units: int, total_rows: int,
-                overwrite: bool = False) -> Manifest:
-    store.ensure_root()
-    store.clean_temp()
-    names = store.list()
-    ours = [n for n in names if n in (MANIFEST, SUCCESS) or shard_unit(n) is not None]
-    if overwrite:
-        for n in ours:
-            store.delete(n)
-        names = []
-    fresh = Manifest(config_hash(fields), fields, plan_fp, total_units, total_rows)
-    old = Manifest.from_json(store.read(MANIFEST)) if MANIFEST in names else None
-    shards = {shard_unit(n): n for n in names if shard_unit(n) is not None}
-    if old is None and shards:
-        raise ConfigError(f"output {store.url} holds shards but no {MANIFEST}: it was not written by "
-                          "this job; choose another output.path or pass --overwrite")
-    if old is not None and old.config_hash != fresh.config_hash:
-        diff = "\n".join(diff_fields(old.result_config, fields)) or "  (fields differ)"
-        raise ConfigError(f"output {store.url} was written with a different config; what differs:\n{diff}\n"
-                          "Use another output.path, or --overwrite to discard it.")
-    if old is not None and old.plan != plan_fp:
-        raise ConfigError(f"output {store.url} was written from a different input ({old.total_units} units, "
-                          f"{old.total_rows} rows then; {total_units} units, {total_rows} rows now); "
-                          "use another output.path, or --overwrite to discard it.")
-    if old is not None:
-        fresh.runs = old.runs
-    for unit, name in sorted(shards.items()):
-        rec = old.units.get(unit) if old else None
-        fresh.units[unit] = rec if rec is not None else footer_record(store, name)
-    fresh.save(store)
-    return fresh
-
-
-def encode_shard(table, record: UnitRecord, compression: str) -> bytes:
-    """Parquet bytes of one shard, its UnitRecord in the footer."""
+def encode_shard(table, footer: ShardFooter, compression: str) -> bytes:
+    """Parquet bytes of one shard, its ShardFooter in the footer."""
     import io
 
     import pyarrow.parquet as pq
 
     meta = dict(table.schema.metadata or {})
-    meta[FOOTER_KEY] = json.dumps(asdict(record)).encode()
+    meta[FOOTER_KEY] = json.dumps(asdict(footer)).encode()
     buf = io.BytesIO()
     pq.write_table(table.replace_schema_metadata(meta), buf,
                    compression=None if compression == "none" else compression)

@@ -56,11 +56,12 @@ class Progress:
 
 def summary(*, rows: int, total: int, errors: int, error_examples: list[str], in_tok: int, out_tok: int,
             wall: float, generated_rows: int, run_in_tok: int, run_out_tok: int, where: str,
-            complete: bool) -> str:
+            complete: bool, all_failed: bool = False) -> str:
     """Counts are of the whole output; rates of this run's work over this run's wall time."""
     lines = [
         "=" * 60,
-        f"batchlm run: {'complete' if complete else 'INCOMPLETE'}",
+        f"batchlm run: {'complete' if complete else 'INCOMPLETE'}"
+        + (" (every row failed; see the first errors below, fix them, rerun with --overwrite)" if all_failed else ""),
         f"  rows            {rows}/{total} ({generated_rows} generated in this run)",
         f"  errors          {errors}",
         f"  prompt tokens   {in_tok}",

@@ -4,16 +4,21 @@ Contract
 --------
 `run_job(cfg, overwrite=False, stream=sys.stderr) -> RunResult`
 
-1. Plan the input into work units (sources.plan_units) and open the output
-   (manifest.open_output): temp files cleaned, a different config or input
-   refused, committed units (shards present) known.
+1. Before Ray starts (`prepare`): plan the input into work units with each
+   file's identity and unique ids (sources.plan_input), check the columns the
+   config names and that the model resolves; every problem is a ConfigError.
+   Then the output: its location is checked (output.check_location), this run
+   takes the output's lease (lease.py: one writer per output) and opens it
+   (output.open_output): temp files cleaned, damaged shards moved aside, a
+   different config or changed input refused, intact committed units known.
 2. Only uncommitted units go through Ray Data: `from_items(units)` ->
    `read_render` tasks -> `EngineStage` actor pool (one engine per actor,
    `resources.batch_size` rows per engine call, GPUs when asked; a cluster
    without them fails at once with a ConfigError).
 3. The driver alone writes: it groups result rows by unit and, when a unit
-   is complete, commits its shard atomically, then the manifest. `_SUCCESS`
-   is written when every unit is committed. A crash loses only the units in
+   is complete, commits its shard atomically, then the manifest (Committer).
+   `_SUCCESS` is written when every unit is committed and not every row
+   failed (a run whose rows all failed is incomplete: exit 1). A crash loses only the units in
    flight; rerunning the command finishes the rest, each row exactly once.
 4. With `output.on_error: fail` the first failed row raises RowFailed.
 
@@ -27,15 +32,19 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
 from batchlm.pipelines.config import JobConfig, result_fields
 from batchlm.pipelines.errors import ConfigError, RowFailed
-from batchlm.pipelines.manifest import SUCCESS, UnitRecord, encode_shard, open_output, shard_name
+from batchlm.pipelines.lease import Lease
+from batchlm.pipelines.manifest import SUCCESS, Manifest, ShardFooter, UnitRecord, encode_shard, shard_name
+from batchlm.pipelines.output import Expected, check_location, open_output
 from batchlm.pipelines.progress import Progress, summary
-from batchlm.pipelines.sources import Unit, plan_units, read_unit
+from batchlm.pipelines.sources import InputPlan, Unit, plan_input, read_unit
 from batchlm.pipelines.stages import EngineStage, output_columns, read_render
 from batchlm.pipelines.storage import Store
 
@@ -94,14 +103,21 @@ def init_ray(cfg: JobConfig) -> bool:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     if ray.is_initialized():
         return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level=logging.WARNING)
-        return False
-    ncpu = os.cpu_count() or 1
-    # address="local": always a fresh embedded Ray, never a `ray start` cluster found on this machine
-    ray.init(address="local", num_cpus=ncpu, num_gpus=_local_gpus(), include_dashboard=False, log_to_driver=False,
-             logging_level=logging.WARNING, configure_logging=True)
-    return True
+    # NOTE: ray.init installs its own SIGTERM handler (exit 1 with stack dumps); the CLI's handler,
+    # which stops the run like Ctrl-C, is put back afterwards.
+    on_term = signal.getsignal(signal.SIGTERM)
+    try:
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(logging_level=logging.WARNING)
+            return False
+        ncpu = os.cpu_count() or 1
+        # address="local": always a fresh embedded Ray, never a `ray start` cluster found on this machine
+        ray.init(address="local", num_cpus=ncpu, num_gpus=_local_gpus(), include_dashboard=False,
+                 log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
+        return True
+    finally:
+        if threading.current_thread() is threading.main_thread() and on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
 
 
 def _local_gpus() -> int:
@@ -187,16 +203,6 @@ class _UnitBuffer:
         return t.take(pc.sort_indices(t["__row"])).drop_columns(["__unit", "__row"])
 
 
-def _record(table) -> UnitRecord:
-    import pyarrow.compute as pc
-
-    def total(col):
-        return int(pc.sum(table[col]).as_py() or 0)
-
-    return UnitRecord(rows=table.num_rows, errors=table.num_rows - table["error"].null_count,
-                      input_tokens=total("num_input_tokens"), output_tokens=total("num_output_tokens"))
-
-
 def _first_error(table, id_name: str) -> tuple[str, str] | None:
     """(row id, error) of the first failed row, or None."""
     import pyarrow.compute as pc
@@ -205,59 +211,154 @@ def _first_error(table, id_name: str) -> tuple[str, str] | None:
     return (bad[id_name][0].as_py(), bad["error"][0].as_py()) if bad.num_rows else None
 
 
-def run_job(cfg: JobConfig, overwrite: bool = False, stream=None) -> RunResult:
-    stream = stream or sys.stderr
-    t0 = time.monotonic()
-    plan = plan_units(cfg.input, cfg.output.rows_per_shard)
-    carry = check_columns(cfg, read_unit(cfg.input, plan[0]))
-    total_rows = sum(u.num_rows for u in plan)
-    store = Store(cfg.output.path, cfg.output.storage_options)
-    manifest = open_output(store, result_fields(cfg), plan_fingerprint(plan), len(plan), total_rows, overwrite)
-    todo = [u for u in plan if u.index not in manifest.units]
-    manifest.runs.append({"started": time.time(), "units_skipped": len(plan) - len(todo), "units_todo": len(todo)})
-    manifest.save(store)
-    print(f"batchlm run: {total_rows} rows in {len(plan)} units; {len(plan) - len(todo)} units already "
-          f"committed; output {store.where()}", file=stream)
-    progress = Progress(total_rows, manifest.rows_done, stream)
+@dataclass(frozen=True)
+class PreparedJob:
+    """Everything decided before Ray starts: the plan, the carried columns, what the output must hold."""
+    plan: InputPlan
+    carry: list[str]
+    expected: Expected
+
+
+def check_model(cfg: JobConfig) -> None:
+    """The model resolves and has a config, in the driver, before any actor starts."""
+    from batchlm.models.loader import load_config
+    from batchlm.models.resolve import resolve_model
+
+    try:
+        model_dir, _ = resolve_model(cfg.model.name)
+        load_config(model_dir)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.name: {e}") from None
+
+
+def prepare(cfg: JobConfig) -> PreparedJob:
+    plan = plan_input(cfg.input, cfg.output.rows_per_shard)
+    carry = check_columns(cfg, read_unit(cfg.input, plan.units[0]))
+    check_model(cfg)
+    expected = Expected(result_fields(cfg), plan_fingerprint(plan.units), len(plan.units), plan.total_rows,
+                        dict(plan.files), tuple(u.name for u in plan.units))
+    return PreparedJob(plan, carry, expected)
+
+
+class Committer:
+    """The driver's only way to write: one shard per complete unit, then the manifest."""
+
+    def __init__(self, store: Store, manifest: Manifest, expected: Expected, compression: str, lease: Lease):
+        self.store, self.manifest, self.expected = store, manifest, expected
+        self.compression, self.lease = compression, lease
+
+    def commit(self, unit: int, table) -> UnitRecord:
+        import pyarrow.compute as pc
+
+        self.lease.check()
+
+        def total(col):
+            return int(pc.sum(table[col]).as_py() or 0)
+
+        footer = ShardFooter(rows=table.num_rows, errors=table.num_rows - table["error"].null_count,
+                             input_tokens=total("num_input_tokens"), output_tokens=total("num_output_tokens"),
+                             config_hash=self.expected.config_hash, plan=self.expected.plan,
+                             source=self.expected.source(unit))
+        written = self.store.write_atomic(shard_name(unit), encode_shard(table, footer, self.compression))
+        rec = footer.record()
+        rec.size, rec.sha256, rec.etag = written.size, written.sha256, written.etag
+        self.manifest.units[unit] = rec
+        self.manifest.save(self.store)
+        return rec
+
+
+def _stream(cfg: JobConfig, job: PreparedJob, todo: list[Unit], committer: Committer, progress: Progress,
+            examples: list[str]) -> int:
+    """Runs the uncommitted units through Ray Data and commits each as it completes; rows generated."""
     id_name = id_column_name(cfg)
-    examples: list[str] = []
     generated = 0
-    if todo:
-        started_ray = init_ray(cfg)
+    started_ray = init_ray(cfg)
+    try:
+        check_resources(cfg)
+        ds = build_dataset(cfg, todo, job.carry, os.environ.get("BATCHLM_UNIT_TRACE"))
+        buffer = _UnitBuffer({u.index: u.num_rows for u in todo})
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
         try:
-            check_resources(cfg)
-            ds = build_dataset(cfg, todo, carry, os.environ.get("BATCHLM_UNIT_TRACE"))
-            buffer = _UnitBuffer({u.index: u.num_rows for u in todo})
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+            for batch in batches:
                 failed = _first_error(batch, id_name) if cfg.output.on_error == "fail" else None
                 if failed:
                     raise RowFailed(*failed)
                 for unit in buffer.add(batch):
                     table = buffer.pop(unit)
-                    rec = _record(table)
-                    store.write_atomic(shard_name(unit), encode_shard(table, rec, cfg.output.compression))
-                    manifest.units[unit] = rec
-                    manifest.save(store)
+                    rec = committer.commit(unit, table)
                     generated += rec.rows
                     if rec.errors and len(examples) < 5:
                         examples.append("{}: {}".format(*_first_error(table, id_name)))
                     progress.update(rec.rows, rec.errors, rec.input_tokens, rec.output_tokens)
         finally:
-            if started_ray:
-                import ray
+            _close_iterator(batches)
+    finally:
+        if started_ray:
+            import ray
 
-                ray.shutdown()
-    complete = len(manifest.units) == len(plan)
+            ray.shutdown()
+    return generated
+
+
+def _close_iterator(batches, timeout: float = 10.0) -> None:
+    """Stops a Ray Data batch iterator and waits for its worker threads.
+
+    NOTE: Ray Data's `iter_threaded` workers are told to stop on close() but not joined; one
+    still fetching a block when ray.shutdown() runs touches a shut-down core worker, and Ray then
+    exits the whole process with status 1 (seen on SIGTERM and Ctrl-C during a commit).
+    """
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()
+    deadline = time.monotonic() + timeout
+    for t in threading.enumerate():
+        if t.name == "iter_threaded" and t is not threading.current_thread():
+            t.join(max(0.0, deadline - time.monotonic()))
+
+
+def run_job(cfg: JobConfig, overwrite: bool = False, stream=None) -> RunResult:
+    stream = stream or sys.stderr
+    t0 = time.monotonic()
+    store = Store(cfg.output.path, cfg.output.storage_options)
+    check_location(store, cfg.input.path)
+    job = prepare(cfg)
+    store.ensure_root()
+    lease = Lease(store)
+    took_over = lease.acquire()
+    try:
+        opened = open_output(store, job.expected, overwrite)
+        manifest = opened.manifest
+        plan = job.plan.units
+        todo = [u for u in plan if u.index not in manifest.units]
+        manifest.runs.append({"started": time.time(), "units_skipped": len(plan) - len(todo),
+                              "units_todo": len(todo)})
+        manifest.save(store)
+        print(f"batchlm run: {job.plan.total_rows} rows in {len(plan)} units; {len(plan) - len(todo)} units "
+              f"already committed; output {store.where()}", file=stream)
+        for note in ([took_over] if took_over else []) + opened.notes:
+            print(f"batchlm run: {note}", file=stream)
+        progress = Progress(job.plan.total_rows, manifest.rows_done, stream)
+        examples: list[str] = []
+        committer = Committer(store, manifest, job.expected, cfg.output.compression, lease)
+        generated = _stream(cfg, job, todo, committer, progress, examples) if todo else 0
+        return _finish(store, manifest, job, generated, examples, progress, time.monotonic() - t0, stream)
+    finally:
+        lease.release()
+
+
+def _finish(store: Store, manifest: Manifest, job: PreparedJob, generated: int, examples: list[str],
+            progress: Progress, wall: float, stream) -> RunResult:
     totals = manifest.totals()
-    wall = time.monotonic() - t0
+    all_failed = totals.rows > 0 and totals.errors == totals.rows
+    complete = len(manifest.units) == job.expected.total_units and not all_failed
     manifest.runs[-1].update(finished=time.time(), wall=round(wall, 3), rows_generated=generated)
     manifest.save(store)
     if complete:
         store.write_atomic(SUCCESS, json.dumps({"rows": totals.rows, "errors": totals.errors}).encode())
-    result = RunResult(complete, totals.rows, total_rows, generated, totals.errors, totals.input_tokens,
+    result = RunResult(complete, totals.rows, job.plan.total_rows, generated, totals.errors, totals.input_tokens,
                        totals.output_tokens, wall, store.where())
-    print(summary(rows=totals.rows, total=total_rows, errors=totals.errors, error_examples=examples,
+    print(summary(rows=totals.rows, total=job.plan.total_rows, errors=totals.errors, error_examples=examples,
                   in_tok=totals.input_tokens, out_tok=totals.output_tokens, wall=wall,
                   generated_rows=generated, run_in_tok=progress.in_tok, run_out_tok=progress.out_tok,
-                  where=store.where(), complete=complete), file=stream)
+                  where=store.where(), complete=complete, all_failed=all_failed), file=stream)
     return result

@@ -66,10 +66,10 @@ def test_kill9_driver_at_random_moments_then_resume(tmp_path, tiny_model):
         if how == "finish":
             assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
         elif how == "during_shard_write":
-            _wait(lambda: any(p.name.startswith(".tmp-part-") for p in out.glob(".tmp-*")), 300,
+            _wait(lambda: any(p.name.startswith(".batchlm-tmp-part-") for p in out.glob(".batchlm-tmp-*")), 300,
                   "a shard write", log)
             kill_driver(proc)
-            assert list(out.glob(".tmp-part-*")), "the kill should leave a half-written temporary shard"
+            assert list(out.glob(".batchlm-tmp-part-*")), "the kill should leave a half-written temporary shard"
         else:
             # a random moment: from Ray's start-up to after two more shards commit
             target = len(before) + rng.randint(0, 2)
@@ -90,7 +90,7 @@ def test_kill9_driver_at_random_moments_then_resume(tmp_path, tiny_model):
     ids = table["id"].to_pylist()
     assert len(ids) == ROWS and sorted(ids) == sorted(input_ids(ROWS)), f"seed {seed}"
     assert table["error"].null_count == ROWS
-    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")], "temporary files left"
+    assert not [p for p in out.iterdir() if p.name.startswith(".batchlm-tmp-")], "temporary files left"
     assert (out / "_SUCCESS").exists()
     manifest = json.loads((out / "_manifest.json").read_text())
     assert len(manifest["units"]) == ROWS // PER_UNIT

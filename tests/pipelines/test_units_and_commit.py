@@ -15,8 +15,8 @@ import pytest
 
 from batchlm.pipelines.config import parse_config, result_fields
 from batchlm.pipelines.errors import ConfigError
-from batchlm.pipelines.manifest import (MANIFEST, UnitRecord, encode_shard, open_output, read_manifest,
-                                        shard_name)
+from batchlm.pipelines.manifest import MANIFEST, ShardFooter, encode_shard, read_manifest, shard_name
+from batchlm.pipelines.output import Expected, open_output
 from batchlm.pipelines.render import PromptTemplate
 from batchlm.pipelines.sources import plan_units, read_unit
 from batchlm.pipelines.storage import Store
@@ -81,7 +81,7 @@ def test_write_atomic_leaves_no_temp_and_killed_writer_is_cleaned(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO,
                             env={**os.environ, "BATCHLM_FAILPOINTS": "shard_write=30"})
     t0 = time.monotonic()
-    while not any(n.startswith(".tmp-part-000001") for n in store.list()):
+    while not any(n.startswith(".batchlm-tmp-part-000001") for n in store.list()):
         assert time.monotonic() - t0 < 60
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
@@ -90,27 +90,35 @@ def test_write_atomic_leaves_no_temp_and_killed_writer_is_cleaned(tmp_path):
     assert store.clean_temp() == 1 and store.list() == ["a.bin"]
 
 
-def _shard(store, unit, n):
+def _expected(fields, plan="plan-a", units=3, rows=30) -> Expected:
+    return Expected(fields, plan, units, rows, {"data.parquet": {"size": 1}}, ("data.parquet",) * units)
+
+
+def _shard(store, unit, n, expected):
     table = pa.table({"id": [f"r{unit}-{i}" for i in range(n)], "error": pa.array([None] * n, pa.string())})
-    store.write_atomic(shard_name(unit), encode_shard(table, UnitRecord(rows=n), "zstd"))
+    footer = ShardFooter(rows=n, config_hash=expected.config_hash, plan=expected.plan)
+    return footer, store.write_atomic(shard_name(unit), encode_shard(table, footer, "zstd"))
 
 
 def test_open_output_adopts_shards_and_refuses_other_configs(tmp_path):
     store = Store(str(tmp_path / "out"))
+    store.ensure_root()
     fields = result_fields(parse_config(tiny_job("m", "o")))
-    m = open_output(store, fields, "plan-a", 3, 30)
-    _shard(store, 0, 10)
-    m.units[0] = UnitRecord(rows=10)
+    exp = _expected(fields)
+    m = open_output(store, exp).manifest
+    footer, written = _shard(store, 0, 10, exp)
+    m.units[0] = footer.record()
+    m.units[0].size, m.units[0].sha256 = written.size, written.sha256
     m.save(store)
-    _shard(store, 1, 10)  # committed, then killed before the manifest update
-    m = open_output(store, fields, "plan-a", 3, 30)
-    assert sorted(m.units) == [0, 1] and m.units[1].rows == 10
+    _shard(store, 1, 10, exp)  # committed, then killed before the manifest update
+    m = open_output(store, exp).manifest
+    assert sorted(m.units) == [0, 1] and m.units[1].rows == 10 and m.units[1].size > 0
     assert sorted(read_manifest(store).units) == [0, 1]
 
     other = result_fields(parse_config(tiny_job("m", "o", sampling={"temperature": 0.7})))
     with pytest.raises(ConfigError, match=r"sampling.temperature: output has 0.0, this config has 0.7"):
-        open_output(store, other, "plan-a", 3, 30)
+        open_output(store, _expected(other))
     with pytest.raises(ConfigError, match="different input"):
-        open_output(store, fields, "plan-b", 4, 40)
-    m = open_output(store, other, "plan-a", 3, 30, overwrite=True)
+        open_output(store, _expected(fields, "plan-b", 4, 40))
+    m = open_output(store, _expected(other), overwrite=True).manifest
     assert m.units == {} and store.list() == [MANIFEST]
