@@ -7,7 +7,8 @@ Contract
   itself, an S3 bucket root, a directory that holds the input, and a
   non-empty directory that is not a batchlm output (with `--overwrite` too:
   overwrite discards batchlm's own files, never anyone else's), and, with no
-  manifest, a file named like a shard that is not one.
+  manifest, files named like shards none of which is a batchlm shard (with
+  at least one real shard, the others are damaged shards: moved aside).
 - `open_output(store, expected, overwrite) -> Opened(manifest, notes)`:
   1. with overwrite, batchlm's own files are deleted (never `_damaged/`);
   2. temporary files of a killed writer are removed;
@@ -94,14 +95,18 @@ def check_location(store, input_path: str | None) -> None:
         raise ConfigError(f"output.path: {where} is not empty and is not a batchlm output "
                           f"(it holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
                           "choose an empty or new directory")
-    if MANIFEST not in entries:
-        for name in (n for n in entries if shard_unit(n) is not None):
-            try:
-                read_footer(store, name)
-            except ValueError:
-                raise ConfigError(f"output.path: {store.where(name)} is not a batchlm shard and there is no "
-                                  f"{MANIFEST}; choose an empty or new directory") from None
+    shards = [n for n in entries if shard_unit(n) is not None]
+    if MANIFEST not in entries and shards and not any(_is_batchlm_shard(store, n) for n in shards):
+        raise ConfigError(f"output.path: {where} holds {shards[0]}, which is not a batchlm shard, and no "
+                          f"{MANIFEST}; choose an empty or new directory")
 
+
+def _is_batchlm_shard(store, name: str) -> bool:
+    try:
+        read_footer(store, name)
+        return True
+    except ValueError:
+        return False
 
 def _discard(store, entries: dict[str, Entry]) -> None:
     for name in entries:

@@ -171,7 +171,7 @@ def test_unsafe_output_locations_are_refused(tmp_path, monkeypatch):
         check_location(Store(str(mine)), str(src))
     (mine / "notes.txt").unlink()
     (mine / shard_name(0)).write_bytes(b"a user's own file")
-    with pytest.raises(ConfigError, match="is not a batchlm shard"):
+    with pytest.raises(ConfigError, match="which is not a batchlm shard"):
         check_location(Store(str(mine)), str(src))
     assert (mine / shard_name(0)).read_bytes() == b"a user's own file"
 
