@@ -31,7 +31,7 @@ Contract
   values that are not strings are kept as read (the prompt stage decides what
   it accepts). If the unit's bytes no longer hold its rows (the file changed
   after planning), ConfigError.
-- JSON Lines has one line rule, used by planning and reading alike (`_lines`):
+- JSON Lines has one line rule, used by planning and reading alike (jsonl.py):
   a line ends at \\n (a \\r just before it belongs to the ending); a line of
   whitespace alone is skipped; a bare \\r anywhere else is JSON whitespace
   inside the line, never a line break.
@@ -42,25 +42,21 @@ It does not know about prompts, the engine or the output.
 from __future__ import annotations
 
 import array
-import bisect
 import functools
 import hashlib
 import io
 import itertools
 import json
 import posixpath
-import re
 import sys
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 from batchlm.pipelines.errors import ConfigError
+from batchlm.pipelines.ids import check_unique_ids, id_text, id_texts
+from batchlm.pipelines.jsonl import lines, parse_row, refuse_cr_separated
 from batchlm.pipelines.storage import make_fs, store_errors
 
 _SUFFIXES = {"parquet": (".parquet",), "jsonl": (".jsonl", ".json", ".ndjson")}
-# NOTE: never valid JSON: a raw \r cannot sit inside a string, so "}<\r>{" is two records on one line.
-_CR_SEPARATED = re.compile(rb"\}[ \t]*\r[ \t\r]*\{")
-_SHOWN = 3  # duplicate ids (and rows of each) named in the error
 
 
 @dataclass(frozen=True)
@@ -101,22 +97,6 @@ class _Scan:
     identity: dict
     offsets: list[int] | None = None  # jsonl: where each used row begins, then where the last one ends
     ids: object = None  # with id_column: the used rows' ids as text (pyarrow large_string array)
-
-
-@dataclass(slots=True)
-class _Line:
-    """One JSON Lines line (never blank); slots, not frozen: one is made per input line."""
-
-    start: int  # byte offset of the line in the file
-    raw: bytes  # the line as read, its \n included
-
-    @property
-    def end(self) -> int:  # just past the line's \n
-        return self.start + len(self.raw)
-
-    @property
-    def data(self) -> bytes:  # without the ending (\n and the \r before it)
-        return self.raw.rstrip(b"\r\n")
 
 
 # --- files -------------------------------------------------------------------------------------------
@@ -164,80 +144,7 @@ def _require_columns(input_cfg, where: str, present: list[str]) -> None:
                               f"columns: {', '.join(present)}")
 
 
-# --- ids ---------------------------------------------------------------------------------------------
-
-
-def _id_text(value) -> str | None:
-    """A row's id as the output holds it: the id column's value as text (None: missing)."""
-    return None if value is None else str(value)
-
-
-def _id_texts(values):
-    """`_id_text` over a whole pyarrow column: a large_string array."""
-    import pyarrow as pa
-
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
-    t = values.type
-    if pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t):
-        return values.cast(pa.large_string())  # NOTE: the same text str() gives for these types
-    return pa.array([_id_text(v) for v in values.to_pylist()], pa.large_string())
-
-
-def _check_unique_ids(id_column: str, scans: list[_Scan]) -> None:
-    """ConfigError naming the first duplicate ids and their rows, if any id appears twice."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    used = [s for s in scans if s.rows]
-    if not used:
-        return
-    ids = pa.concat_arrays([s.ids for s in used])
-    counts = pc.value_counts(ids)  # in order of first appearance
-    dups = counts.filter(pc.and_(pc.greater(counts.field("counts"), 1), pc.is_valid(counts.field("values"))))
-    if not len(dups):
-        return
-    starts = [0, *itertools.accumulate(s.rows for s in used)]
-
-    def row(i: int) -> str:
-        k = bisect.bisect_right(starts, i) - 1
-        return f"{used[k].name}#{i - starts[k]}"
-
-    shown = []
-    for value in dups.field("values")[:_SHOWN].to_pylist():
-        where = pc.indices_nonzero(pc.equal(ids, value)).to_pylist()
-        rows = [row(i) for i in where[:_SHOWN]] + (["..."] if len(where) > _SHOWN else [])
-        shown.append(f"{value!r} (rows {', '.join(rows)})")
-    more = f" and {len(dups) - _SHOWN} more" if len(dups) > _SHOWN else ""
-    raise ConfigError(f"input.id_column {id_column!r}: duplicate values: {', '.join(shown)}{more}; "
-                      "every row needs a unique id")
-
-
 # --- JSON Lines --------------------------------------------------------------------------------------
-
-
-def _lines(f) -> Iterator[_Line]:
-    """The JSON Lines rule, the only one (planning and reading both use it): a line ends at \\n
-    (a \\r before it is part of the ending); lines of whitespace alone are skipped."""
-    offset = 0
-    for raw in f:  # NOTE: binary files split on \n only (bytes.splitlines would also split on \r)
-        if not raw.isspace():
-            yield _Line(offset, raw)
-        offset += len(raw)
-
-
-def _parse_row(data: bytes) -> dict:
-    try:
-        row = json.loads(data)
-    except ValueError as e:  # UnicodeDecodeError included
-        return {"__error": f"invalid JSON: {e}"}
-    return row if isinstance(row, dict) else {"__error": "line is JSON but not an object"}
-
-
-def _refuse_cr_separated(name: str, row: int, data: bytes) -> None:
-    if _CR_SEPARATED.search(data):
-        raise ConfigError(f"input {name}: row {row} holds several records separated by a bare \\r (old Mac line "
-                          "endings); JSON Lines ends each line with \\n: convert the file (tr '\\r' '\\n')")
 
 
 def _scan_jsonl(fs, path: str, name: str, input_cfg, limit: int) -> _Scan:
@@ -246,13 +153,13 @@ def _scan_jsonl(fs, path: str, name: str, input_cfg, limit: int) -> _Scan:
     id_col = input_cfg.id_column
     offsets, ids, end = [], [], 0
     with fs.open(path, "rb") as f:
-        for line in itertools.islice(_lines(f), limit):  # NOTE: reads no further than the limit
+        for line in itertools.islice(lines(f), limit):  # NOTE: reads no further than the limit
             if b"\r" in line.raw:
-                _refuse_cr_separated(name, len(offsets), line.data)
+                refuse_cr_separated(name, len(offsets), line.data)
             offsets.append(line.start)
             end = line.end
             if id_col:
-                ids.append(_id_text(_parse_row(line.data).get(id_col)))
+                ids.append(id_text(parse_row(line.data).get(id_col)))
     rows, offsets = len(offsets), offsets + [end]
     identity = _stat(fs, path) | {"rows": rows, "offsets": _short_hash(array.array("q", offsets).tobytes())}
     return _Scan(path, name, rows, identity, offsets, pa.array(ids, pa.large_string()) if id_col else None)
@@ -262,7 +169,7 @@ def _read_jsonl(fs, unit: Unit) -> list[dict]:
     with fs.open(unit.file, "rb") as f:
         f.seek(unit.byte_start)
         data = f.read(unit.byte_end - unit.byte_start)
-    rows = [_parse_row(line.data) for line in _lines(io.BytesIO(data))]
+    rows = [parse_row(line.data) for line in lines(io.BytesIO(data))]
     if len(rows) != unit.num_rows:
         raise ConfigError(f"input {unit.name}: bytes {unit.byte_start}-{unit.byte_end} now hold {len(rows)} rows, "
                           f"the plan has {unit.num_rows}: the file changed after the run was planned")
@@ -301,7 +208,7 @@ def _scan_parquet(fs, path: str, name: str, input_cfg, limit: int) -> _Scan:
         _require_columns(input_cfg, name, pf.schema_arrow.names)
         rows = min(pf.metadata.num_rows, limit)
         id_col = input_cfg.id_column
-        ids = _id_texts(_parquet_rows(pf, 0, rows, [id_col]).column(0)) if id_col else None
+        ids = id_texts(_parquet_rows(pf, 0, rows, [id_col]).column(0)) if id_col else None
     return _Scan(path, name, rows, _stat(fs, path) | _footer_identity(pf), ids=ids)
 
 
@@ -355,7 +262,7 @@ def _scan_hf(input_cfg, limit: int) -> _Scan:
     _require_columns(input_cfg, f"{input_cfg.path} (split {split})", ds.column_names)
     rows = min(len(ds), limit)
     id_col = input_cfg.id_column
-    ids = _id_texts(ds.select(range(rows)).with_format("arrow")[id_col]) if id_col else None
+    ids = id_texts(ds.select(range(rows)).with_format("arrow")[id_col]) if id_col else None
     return _Scan(split, split, rows, {"fingerprint": ds._fingerprint, "num_rows": len(ds)}, ids=ids)
 
 
@@ -387,7 +294,7 @@ def _chunks(total: int, size: int):
 def plan_input(input_cfg, rows_per_unit: int) -> InputPlan:
     scans = _scan_input(input_cfg)
     if input_cfg.id_column:
-        _check_unique_ids(input_cfg.id_column, scans)
+        check_unique_ids(input_cfg.id_column, scans)
     units: list[Unit] = []
     for s in scans:
         for start, stop in _chunks(s.rows, rows_per_unit):
@@ -423,7 +330,7 @@ def read_unit(input_cfg, unit: Unit) -> list[dict]:
     for i, row in enumerate(rows):
         name_pos = f"{unit.name}#{unit.start + i}"
         if input_cfg.id_column:
-            value = _id_text(row.get(input_cfg.id_column))
+            value = id_text(row.get(input_cfg.id_column))
             row["__id"] = value if value is not None else name_pos
             if value is None:
                 row.setdefault("__error", f"id column {input_cfg.id_column!r} is missing or null")
