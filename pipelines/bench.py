@@ -58,9 +58,7 @@ def bench_resume_check(args) -> int:
             footer = ShardFooter(rows=rows, config_hash=expected.config_hash, plan=expected.plan,
                                  source=expected.source(u))
             written = store.write_atomic(shard_name(u), encode_shard(table, footer, "zstd"))
-            rec = footer.record()
-            rec.size, rec.sha256 = written.size, written.sha256
-            manifest.units[u] = rec
+            manifest.units[u] = footer.record(written)
         manifest.save(store)
         times = []
         for _ in range(args.repeat):

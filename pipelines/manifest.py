@@ -79,8 +79,12 @@ class ShardFooter:
     plan: str = ""
     source: dict = field(default_factory=dict)  # identity of the unit's input file
 
-    def record(self) -> UnitRecord:
-        return UnitRecord(self.rows, self.errors, self.input_tokens, self.output_tokens)
+    def record(self, written=None) -> UnitRecord:
+        """The manifest's record of this shard; `written` (storage.Written) adds its size, sha256, ETag."""
+        rec = UnitRecord(self.rows, self.errors, self.input_tokens, self.output_tokens)
+        if written is not None:
+            rec.size, rec.sha256, rec.etag = written.size, written.sha256, written.etag
+        return rec
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> "ShardFooter":
@@ -145,11 +149,19 @@ def read_manifest(store, names=None) -> Manifest | None:
 
 def read_footer(store, name: str) -> ShardFooter:
     """The shard's own record; raises ValueError when the file is not a whole batchlm shard."""
+    try:
+        with store.open(name) as f:
+            return footer_of(f)
+    except OSError as e:
+        raise ValueError(f"{type(e).__name__}: {e}") from None
+
+
+def footer_of(f) -> ShardFooter:
+    """`read_footer` over an open binary file (or a BytesIO of the shard's bytes)."""
     import pyarrow.parquet as pq
 
     try:
-        with store.open(name) as f:
-            meta = pq.read_metadata(f)
+        meta = pq.read_metadata(f)
         raw = (meta.metadata or {}).get(FOOTER_KEY)
         if raw is None:
             raise ValueError("no batchlm record in its footer")

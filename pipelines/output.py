@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from batchlm.pipelines.config import config_hash, diff_fields
 from batchlm.pipelines.errors import ConfigError
 from batchlm.pipelines.lease import LEASE
-from batchlm.pipelines.manifest import (MANIFEST, SUCCESS, Manifest, ManifestDamaged, UnitRecord, read_footer,
-                                        read_manifest, shard_unit)
-from batchlm.pipelines.storage import DAMAGED_DIR, TMP_PREFIX, Entry, normalize_path
+from batchlm.pipelines.manifest import (MANIFEST, SUCCESS, Manifest, ManifestDamaged, UnitRecord, footer_of,
+                                        read_footer, read_manifest, shard_unit)
+from batchlm.pipelines.storage import DAMAGED_DIR, TMP_PREFIX, Entry, Written, glob_root, normalize_path
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,6 @@ def _contains(outer: str, inner: str) -> bool:
     return inner == outer or inner.startswith(outer + "/")
 
 
-def _input_root(path: str) -> str:
-    cut = min((path.find(c) for c in "*?[" if c in path), default=len(path))
-    return normalize_path(path[:cut]) if cut == len(path) else normalize_path(path[:cut]).rsplit("/", 1)[0]
-
-
 def check_location(store, input_path: str | None) -> None:
     where = store.url
     if store.local:
@@ -86,7 +81,7 @@ def check_location(store, input_path: str | None) -> None:
             raise ConfigError(f"output.path: {where} is the home directory; choose a directory of its own")
     elif "/" not in store.root.strip("/"):
         raise ConfigError(f"output.path: {where} is a bucket root; add a prefix (s3://bucket/some/dir)")
-    source = _input_root(input_path) if input_path else ""
+    source = glob_root(normalize_path(input_path)) if input_path else ""
     if source and ("://" in source or os.path.exists(source)) and _contains(where, source):
         raise ConfigError(f"output.path: {where} holds the input {input_path}; choose another directory")
     entries = store.entries()
@@ -107,6 +102,7 @@ def _is_batchlm_shard(store, name: str) -> bool:
         return True
     except ValueError:
         return False
+
 
 def _discard(store, entries: dict[str, Entry]) -> None:
     for name in entries:
@@ -173,7 +169,7 @@ def shard_problem(store, name: str, entry: Entry, rec: UnitRecord) -> str | None
 _FOREIGN = "written by a different config or input plan"
 
 
-def _adopt(store, name: str, unit: int, expected: Expected) -> tuple[UnitRecord | None, str | None]:
+def _adopt(store, name: str, entry: Entry, unit: int, expected: Expected) -> tuple[UnitRecord | None, str | None]:
     """(record, None) for an intact shard of this job that the manifest lacks, or (None, why not)."""
     import hashlib
     import io
@@ -181,8 +177,8 @@ def _adopt(store, name: str, unit: int, expected: Expected) -> tuple[UnitRecord 
     import pyarrow.parquet as pq
 
     try:
-        footer = read_footer(store, name)
         data = store.read(name)
+        footer = footer_of(io.BytesIO(data))
         pq.read_table(io.BytesIO(data))  # the whole file must decode, not just its footer
     except Exception as e:  # any failure to read it back makes it damaged
         return None, f"unreadable ({type(e).__name__}: {e})"
@@ -190,10 +186,7 @@ def _adopt(store, name: str, unit: int, expected: Expected) -> tuple[UnitRecord 
         return None, _FOREIGN
     if footer.source and expected.source(unit) and footer.source != expected.source(unit):
         return None, "written from a different version of its input file"
-    rec = footer.record()
-    rec.size, rec.sha256 = len(data), hashlib.sha256(data).hexdigest()
-    rec.etag = store.entries().get(name, Entry(0)).etag if not store.local else ""
-    return rec, None
+    return footer.record(Written(len(data), hashlib.sha256(data).hexdigest(), entry.etag)), None
 
 
 def open_output(store, expected: Expected, overwrite: bool = False) -> Opened:
@@ -202,7 +195,7 @@ def open_output(store, expected: Expected, overwrite: bool = False) -> Opened:
     if overwrite:
         _discard(store, entries)
         entries = store.entries()
-    temps = store.clean_temp()
+    temps = store.clean_temp(entries)
     if temps:
         notes.append(f"removed {temps} temporary file(s) left by a killed writer")
     old = _load_manifest(store, list(entries), notes)
@@ -224,7 +217,7 @@ def open_output(store, expected: Expected, overwrite: bool = False) -> Opened:
         elif rec is not None:
             checked[unit] = rec, shard_problem(store, name, entries[name], rec)
         else:
-            checked[unit] = _adopt(store, name, unit, expected)
+            checked[unit] = _adopt(store, name, entries[name], unit, expected)
     if old is None and shards and all(p == _FOREIGN for _, p in checked.values()):
         raise ConfigError(f"output {store.url} holds shards of another job and no {MANIFEST}; "
                           "use another output.path, or --overwrite to discard them")

@@ -260,8 +260,7 @@ class Committer:
                              config_hash=self.expected.config_hash, plan=self.expected.plan,
                              source=self.expected.source(unit))
         written = self.store.write_atomic(shard_name(unit), encode_shard(table, footer, self.compression))
-        rec = footer.record()
-        rec.size, rec.sha256, rec.etag = written.size, written.sha256, written.etag
+        rec = footer.record(written)
         self.manifest.units[unit] = rec
         self.manifest.save(self.store)
         return rec

@@ -54,7 +54,7 @@ from dataclasses import asdict, dataclass
 from batchlm.pipelines.errors import ConfigError
 from batchlm.pipelines.ids import check_unique_ids, id_text, id_texts
 from batchlm.pipelines.jsonl import lines, parse_row, refuse_cr_separated
-from batchlm.pipelines.storage import make_fs, store_errors
+from batchlm.pipelines.storage import glob_root, make_fs, store_errors
 
 _SUFFIXES = {"parquet": (".parquet",), "jsonl": (".jsonl", ".json", ".ndjson")}
 
@@ -107,9 +107,9 @@ def _files(input_cfg, suffixes: tuple[str, ...]) -> tuple[object, list[tuple[str
     fs, path = make_fs(input_cfg.path, input_cfg.storage_options)
     with store_errors(f"input {input_cfg.path}"):
         fs.invalidate_cache()  # NOTE: fsspec reuses filesystems: list afresh, identities must be current
-        if any(c in path for c in "*?["):
+        if glob_root(path) != path:
             found = sorted(fs.glob(path))
-            base = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
+            base = glob_root(path)
         elif fs.isdir(path):
             found = sorted(p for p in fs.find(path) if p.endswith(suffixes))
             base = path.rstrip("/")

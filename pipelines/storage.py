@@ -78,6 +78,12 @@ def normalize_path(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path.removeprefix("file://")))
 
 
+def glob_root(path: str) -> str:
+    """The path itself, or for a glob the directory its pattern starts in ("d/x/*.parquet" -> "d/x")."""
+    cut = min((path.find(c) for c in "*?[" if c in path), default=-1)
+    return path if cut < 0 else path[:cut].rsplit("/", 1)[0]
+
+
 def is_local(fs) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
@@ -244,9 +250,9 @@ class Store:
         finally:
             os.close(dfd)
 
-    def clean_temp(self) -> int:
-        """Remove temporary files left by a killed writer; returns how many."""
-        stale = [n for n in self.list() if n.startswith(TMP_PREFIX)]
+    def clean_temp(self, names=None) -> int:
+        """Remove temporary files left by a killed writer (among `names`, default: a fresh listing)."""
+        stale = [n for n in (self.list() if names is None else names) if n.startswith(TMP_PREFIX)]
         for n in stale:
             self.delete(n)
         return len(stale)

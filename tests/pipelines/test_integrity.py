@@ -53,9 +53,7 @@ def _commit_all(store, exp, units=range(UNITS)):
                           "error": pa.array([None] * PER_UNIT, pa.string())})
         footer = ShardFooter(rows=PER_UNIT, config_hash=exp.config_hash, plan=exp.plan, source=exp.source(u))
         w = store.write_atomic(shard_name(u), encode_shard(table, footer, "zstd"))
-        rec = footer.record()
-        rec.size, rec.sha256 = w.size, w.sha256
-        m.units[u] = rec
+        m.units[u] = footer.record(w)
         m.save(store)
     store.write_atomic(SUCCESS, b"{}")
     return m

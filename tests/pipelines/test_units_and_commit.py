@@ -107,8 +107,7 @@ def test_open_output_adopts_shards_and_refuses_other_configs(tmp_path):
     exp = _expected(fields)
     m = open_output(store, exp).manifest
     footer, written = _shard(store, 0, 10, exp)
-    m.units[0] = footer.record()
-    m.units[0].size, m.units[0].sha256 = written.size, written.sha256
+    m.units[0] = footer.record(written)
     m.save(store)
     _shard(store, 1, 10, exp)  # committed, then killed before the manifest update
     m = open_output(store, exp).manifest
