@@ -2,13 +2,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from batchlm.quantization.config import parse_quantization
+
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8")
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     model: str = "smollm2-135m-instruct"
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    kv_cache_dtype: str = "auto"  # auto: same as dtype
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (see engine/device.py)
+    # auto: bfloat16 on CPUs that compute it natively (AVX-512 BF16 or AMX),
+    # else float32; bfloat16 (float16 without bf16 support) on GPUs.
+    kv_cache_dtype: str = "auto"  # auto: same as dtype; fp8 (e4m3): CUDA only
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_model_len: int | None = None  # None: the model's own limit (capped at 8192)
     max_num_seqs: int = 128
@@ -20,7 +27,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     seed: int = 0
     attention_backend: str = "auto"
-    quantization: str | None = None
+    # None, "int8", "int8_dynamic", "int4", "int4_g32|64|128", "fp8", or a dict
+    # {"method", "group_size", "lm_head"} (batchlm/quantization/config.py).
+    quantization: str | dict[str, Any] | None = None
     # torch.compile the model's layers (attention stays eager): fused norms,
     # rotary and activations; costs ~10 s of compiling when the engine starts.
     compile_model: bool = False
@@ -31,8 +40,8 @@ class EngineConfig:
 
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             bad("dtype", "one of auto, float32, bfloat16, float16")
-        if self.kv_cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
-            bad("kv_cache_dtype", "one of auto, float32, bfloat16, float16")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            bad("kv_cache_dtype", "one of " + ", ".join(KV_CACHE_DTYPES))
         if self.max_model_len is not None and self.max_model_len < 1:
             bad("max_model_len", ">= 1")
         if self.max_num_seqs < 1:
@@ -45,5 +54,4 @@ class EngineConfig:
             bad("kv_cache_memory", "> 0 bytes")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             bad("gpu_memory_utilization", "in (0, 1]")
-        if self.quantization not in (None, "none"):
-            bad("quantization", "None (quantization is not built yet)")
+        parse_quantization(self.quantization)  # raises ValueError naming the field

@@ -38,7 +38,8 @@ class LLMEngine:
         device, dtype, kv_dtype = resolve_resources(config)
         self.device = device
         attention = get_attention_backend(device, config.attention_backend)
-        loaded = load_model(config.model, dtype, device, attention)
+        loaded = load_model(config.model, dtype, device, attention, config.quantization)
+        self.loaded = loaded  # what was loaded: quantization, kernel plan, weight source
         self.model = loaded.module
         if config.compile_model:
             # Attention runs eagerly between compiled regions: its Python

@@ -2,12 +2,15 @@
 
 Contract
 --------
-`gguf_to_hf_dir(path) -> Path`: returns a directory holding `config.json`,
-`model.safetensors` (dequantized weights, as transformers dequantizes them,
-float32) and the tokenizer files (chat template included), converting the
+`gguf_to_hf_dir(path, weights=True) -> Path`: returns a directory holding
+`config.json`, `model.safetensors` (dequantized weights, as transformers
+dequantizes them, float32) and the tokenizer files (chat template included), converting the
 GGUF on first use through transformers (`from_pretrained(..., gguf_file=)`,
 ~20-40 s for a 135M model on 2 cores). Later calls return the cached directory
-at once.
+at once. `weights=False` (quantized loading reads the weights from the GGUF
+itself, batchlm.models.gguf_weights): a full directory if one is cached, else
+`<stem>-<hash>-noweights` with config and tokenizer only, which never builds
+the dequantized model.
 
 Cache: `$BATCHLM_CACHE_DIR/models/` or `~/.cache/batchlm/models/`, one
 directory `<stem>-<hash of size and mtime>`. It is written to a temporary
@@ -58,17 +61,21 @@ def cache_dir_for(path: Path) -> Path:
     return cache_root() / f"{path.stem}-{digest}"
 
 
-def gguf_to_hf_dir(path: str | os.PathLike) -> Path:
+def gguf_to_hf_dir(path: str | os.PathLike, weights: bool = True) -> Path:
     path = Path(path).expanduser().resolve()
     check_gguf(path)
     final = cache_dir_for(path)
     if (final / "config.json").is_file():
         return final
+    if not weights:  # config and tokenizer only: the weights are read from the GGUF itself
+        final = final.with_name(final.name + "-noweights")
+        if (final / "config.json").is_file():
+            return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         log.info("converting %s into %s (once)", path, final)
-        _convert(path, tmp)
+        _convert(path, tmp, weights)
         _make_shareable(tmp)
         try:
             os.rename(tmp, final)
@@ -89,27 +96,34 @@ def _make_shareable(directory: Path) -> None:
         os.chmod(f, 0o666 & ~umask)
 
 
-def _convert(path: Path, out: Path) -> None:
+def _convert(path: Path, out: Path, weights: bool = True) -> None:
     from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     src, name = str(path.parent), path.name
     try:
         config = AutoConfig.from_pretrained(src, gguf_file=name)
         tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32) \
+            if weights else None
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ValueError(f"cannot convert GGUF file {path}: {e}") from e
-    state = model.state_dict()
-    if getattr(config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)  # safetensors refuses shared tensors
-    state = {k: v.detach().contiguous() for k, v in state.items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config.architectures = [type(model).__name__]
+    if model is not None:
+        state = model.state_dict()
+        if getattr(config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # safetensors refuses shared tensors
+        state = {k: v.detach().contiguous() for k, v in state.items()}
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        config.architectures = [type(model).__name__]
+        generation = model.generation_config
+    else:
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, "")]
+        generation = GenerationConfig.from_model_config(config)
     config.dtype = torch.float32
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     try:
-        model.generation_config.save_pretrained(out)
+        generation.save_pretrained(out)
     except Exception as e:  # optional; eos ids also live in config.json
         log.warning("could not save generation_config for %s: %s", path, e)

@@ -11,7 +11,9 @@ and is held by the module, never looked up globally.
   of layer i, each `[num_blocks, block_size, num_kv_heads, head_dim]`.
 - `compute_logits(hidden [N, hidden_size]) -> [N, vocab] float32`.
 - `load_weights(named_tensors)` takes HF checkpoint names (`model.layers.0.
-  self_attn.q_proj.weight`, ...), fuses q/k/v into `qkv_proj` and gate/up into
+  self_attn.q_proj.weight`, ...) with tensors or quantized GroupQuant parts (a
+  module with `take_weight`, e.g. a QuantLinear, receives its own; others are
+  dequantized), fuses q/k/v into `qkv_proj` and gate/up into
   `gate_up_proj`, skips `lm_head.weight` when embeddings are tied, and raises
   if a parameter is left unloaded.
 
@@ -187,8 +189,9 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()  # [N, vocab]
+        if self.lm_head is None:  # tied, float: the embedding table is the head
+            return F.linear(hidden, self.model.embed_tokens.weight).float()  # [N, vocab]
+        return self.lm_head(hidden).float()  # [N, vocab] (nn.Linear or a quantized head)
 
     # ---- weights -------------------------------------------------------
     # HF sub-name -> (fused parameter, shard index)
@@ -205,6 +208,9 @@ class LlamaForCausalLM(nn.Module):
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.named_parameters())
+        # Modules that take their weight themselves (batchlm.quantization's
+        # QuantLinear/QuantEmbedding): `take_weight(rows, tensor)`, `missing()`.
+        sinks = {f"{n}.weight": m for n, m in self.named_modules() if hasattr(m, "take_weight")}
         loaded: set[str] = set()
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
@@ -218,6 +224,11 @@ class LlamaForCausalLM(nn.Module):
                 offs = self._shard_offsets(fused)
                 target = ".".join(parts[:-2] + [fused, parts[-1]])
                 rows = (offs[idx], offs[idx + 1])
+            if target in sinks:
+                sinks[target].take_weight(rows, tensor)
+                continue
+            if not isinstance(tensor, torch.Tensor):  # a quantized checkpoint tensor (GroupQuant)
+                tensor = tensor.dequantize()
             param = params.get(target)
             if param is None:
                 raise ValueError(f"unexpected weight {name!r} for {type(self).__name__}")
@@ -234,6 +245,8 @@ class LlamaForCausalLM(nn.Module):
                 missing += [f"{pname}#{o}" for o in offs[:-1] if f"{pname}#{o}" not in loaded]
             elif pname not in loaded:
                 missing.append(pname)
+        for sink in sinks.values():
+            missing += sink.missing()
         if missing:
             raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:8])}"
                              + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))

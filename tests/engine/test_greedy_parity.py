@@ -48,7 +48,7 @@ def arch(request, tmp_path_factory):
 @pytest.mark.parametrize("mode", ["default", "no-prefix-cache", "chunked", "preempt", "compiled"])
 def test_greedy_matches_transformers(arch, mode):
     d, prompts, ref = arch
-    kwargs = dict(kv_cache_memory=1 << 24)
+    kwargs = dict(kv_cache_memory=1 << 24, dtype="float32")  # exact: fp32, as transformers
     if mode == "no-prefix-cache":
         kwargs["enable_prefix_caching"] = False
     elif mode == "chunked":
@@ -56,7 +56,7 @@ def test_greedy_matches_transformers(arch, mode):
     elif mode == "compiled":
         kwargs["compile_model"] = True
     elif mode == "preempt":
-        llm_probe = LLM(model=d, kv_cache_memory=1 << 20)
+        llm_probe = LLM(model=d, dtype="float32", kv_cache_memory=1 << 20)
         per_block = (1 << 20) // llm_probe.engine.block_manager.num_blocks
         kwargs["kv_cache_memory"] = per_block * 9  # 9 blocks of 16 for 6 sequences of up to 74 tokens
     llm = LLM(model=d, **kwargs)

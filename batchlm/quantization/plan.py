@@ -1,0 +1,136 @@
+"""Which kernel each quantized layer runs, per batch size: measured, then kept.
+
+Contract
+--------
+`plan_kernels(layers, dtype, device, cache_file=None) -> dict[str, list[(max_rows, kernel name)]]`
+sets `layer.kernels` on every QuantLinear in `layers` and returns the plan by
+shape. Layers with the same method, shape, group and dtype share one plan.
+Where a method has more than one kernel (int8: the int8pack kernel or
+dequantize-then-matmul; int4: the int4pack kernel or dequantize-then-matmul),
+each is timed at 1, 4, 16, 64 and 256 rows on the layer's own weight (one
+warm-up, median of 3) and the fastest is kept for batches up to that size;
+larger batches use the choice at 256 rows. Measured on a 2-core Xeon with
+AMX (2026-11-26): the packed kernels win at a few rows, dequantize-then-matmul
+wins once the matmul is compute-bound; on an AVX2-only EPYC the int8pack
+kernel was 4-18x slower than fp32 (issue 7), which is why it is measured,
+not assumed.
+
+NOTE: kernels of one method differ in rounding, so a new plan can change
+outputs slightly. The plan is therefore kept in a JSON file (`cache_file`,
+by default `<batchlm cache>/kernel_plans.json`) under a key naming the CPU
+model, torch version and thread count: one machine type keeps one plan.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from batchlm.kernels import quant_matmul as qm
+
+CANDIDATES = {
+    "int8": (qm.int8_pack_mm, qm.int8_dequant_mm),
+    "int8_dynamic": (qm.int8_dynamic_mm,),
+    "int4": (qm.int4_pack_mm, qm.int4_dequant_mm),
+    "fp8": (qm.fp8_scaled_mm,),
+}
+BY_NAME = {fn.__name__: fn for fns in CANDIDATES.values() for fn in fns}
+ROWS = (1, 4, 16, 64, 256)
+UNBOUNDED = 1 << 62
+
+
+def default_cache_file() -> Path:
+    env = os.environ.get("BATCHLM_CACHE_DIR")
+    base = Path(env).expanduser() if env else Path.home() / ".cache" / "batchlm"
+    return base / "kernel_plans.json"
+
+
+def machine_key(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    raw = f"{name}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def _time(fn, x, w) -> float:
+    fn(x, w)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn(x, w)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _measure(layer, dtype: torch.dtype, device: torch.device) -> list[tuple[int, str]]:
+    fns = CANDIDATES[layer.qcfg.method]
+    if len(fns) == 1:
+        return [(UNBOUNDED, fns[0].__name__)]
+    best = []
+    with torch.inference_mode():
+        for rows in ROWS:
+            x = torch.randn(rows, layer.in_features, dtype=dtype, device=device)
+            best.append(min(fns, key=lambda fn: _time(fn, x, layer.packed)).__name__)
+    plan: list[tuple[int, str]] = []
+    for rows, name in zip(ROWS, best):
+        if plan and plan[-1][1] == name:
+            plan[-1] = (rows, name)
+        else:
+            plan.append((rows, name))
+    plan[-1] = (UNBOUNDED, plan[-1][1])
+    return plan
+
+
+def plan_kernels(layers, dtype: torch.dtype, device: torch.device, cache_file: Path | None = None):
+    cache_file = cache_file or default_cache_file()
+    machine = machine_key(device)
+    try:
+        stored = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        stored = {}
+    known = stored.get(machine, {}) if isinstance(stored, dict) else {}
+    plans: dict[str, list[tuple[int, str]]] = {}
+    changed = False
+    for layer in layers:
+        key = (f"{layer.qcfg.method}:{layer.out_features}x{layer.in_features}:"
+               f"g{layer.group_size}:{str(dtype).removeprefix('torch.')}")
+        if key not in plans:
+            plan = known.get(key)
+            if not plan or any(name not in BY_NAME for _, name in plan):
+                plan = _measure(layer, dtype, device)
+                known[key] = plan
+                changed = True
+            plans[key] = [(int(b), n) for b, n in plan]
+        layer.kernels = [(b, BY_NAME[n]) for b, n in plans[key]]
+    if changed:
+        stored = stored if isinstance(stored, dict) else {}
+        stored[machine] = known
+        _write_json(cache_file, stored)
+    return plans
+
+
+def _write_json(path: Path, data) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".kernel_plans.", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs a new measurement next time

@@ -1,0 +1,181 @@
+"""Matmuls that read quantized weights, each beside its PyTorch reference.
+
+Contract
+--------
+Every kernel computes `y[M, N] = x[M, K] @ W.T` for a weight held in one of
+the packed forms below, with `x` and `y` in the model's compute dtype. The
+reference of every form is `dequantize_*(...) -> float32 [N, K]` followed by
+`F.linear` in float32; tests check each kernel against it on fresh random
+inputs with the output poisoned first.
+
+Packed forms (built from a batchlm.quantization GroupQuant by `pack_*`):
+- Int8Packed: `codes` int8 [N, K], `scale` float32 [N] (one per output
+  channel), `scale_c` the same in the compute dtype. w = scale * code.
+- Int4Packed: torch's CPU tiled int4 layout (`_convert_weight_to_int4pack_for_cpu`):
+  `packed` uint8 [Np, K/2] and `sz` [K/g, Np, 2] (scale, zero) in bfloat16,
+  with Np = N rounded up to 64 (zero rows pad, sliced off). The kernel's
+  convention is w = (code - 8) * scale + zero. NOTE: the tiled layout is
+  torch's private business; `unpack_int4_codes` inverts it and `pack_int4`
+  checks the inversion on every call, so a torch that changes it fails loudly.
+- Fp8Packed (CUDA): `codes` float8_e4m3fn [N, K], `scale` float32 [N].
+
+Kernels, chosen per shape and batch size by batchlm.quantization (measured):
+- int8: `int8_pack_mm` (aten._weight_int8pack_mm, bf16 activations),
+  `int8_dequant_mm` (dequantize to the compute dtype, then F.linear),
+  `int8_dynamic_mm` (activations quantized per row to int8, aten._int_mm,
+  int32 accumulate; exact integer math, so a row's result does not depend on
+  the other rows in the batch).
+- int4: `int4_pack_mm` (aten._weight_int4pack_mm_for_cpu, bf16 activations),
+  `int4_dequant_mm`.
+- fp8: `fp8_scaled_mm` (torch._scaled_mm, per-row activation scales).
+
+What it does not know: modules, configs, files. No state between calls.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+INT4_TILE_N = 64  # rows per tile of torch's CPU int4 layout
+
+
+@dataclass
+class Int8Packed:
+    codes: torch.Tensor  # [N, K] int8
+    scale: torch.Tensor  # [N] float32
+    scale_c: torch.Tensor  # [N] compute dtype
+
+
+@dataclass
+class Int4Packed:
+    packed: torch.Tensor  # [Np, K/2] uint8, torch's CPU tiled layout
+    sz: torch.Tensor  # [K/g, Np, 2] bfloat16: scale, zero (w = (q - 8) * scale + zero)
+    n: int  # real output rows (Np - n rows of padding)
+    group_size: int
+
+
+@dataclass
+class Fp8Packed:
+    codes: torch.Tensor  # [N, K] float8_e4m3fn
+    scale: torch.Tensor  # [N] float32
+
+
+# ---- int8 ---------------------------------------------------------------------
+def pack_int8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> Int8Packed:
+    """codes int8 [N, K], scale [N] (per output channel)."""
+    return Int8Packed(codes.contiguous(), scale.float().contiguous(), scale.to(dtype).contiguous())
+
+
+def dequantize_int8(w: Int8Packed) -> torch.Tensor:
+    return w.codes.float() * w.scale.unsqueeze(1)  # [N, K] float32
+
+
+def int8_pack_mm(x: torch.Tensor, w: Int8Packed) -> torch.Tensor:
+    xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
+    s = w.scale_c if w.scale_c.dtype == torch.bfloat16 else w.scale_c.to(torch.bfloat16)
+    return torch.ops.aten._weight_int8pack_mm(xb, w.codes, s).to(x.dtype)  # [M, N]
+
+
+def int8_dequant_mm(x: torch.Tensor, w: Int8Packed) -> torch.Tensor:
+    return F.linear(x, w.codes.to(x.dtype)) * w.scale_c  # [M, N]
+
+
+def int8_dynamic_mm(x: torch.Tensor, w: Int8Packed) -> torch.Tensor:
+    x32 = x.float()
+    sx = x32.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12) / 127.0  # [M, 1]
+    xq = torch.round(x32 / sx).to(torch.int8)  # [M, K]
+    acc = torch._int_mm(xq, w.codes.t())  # [M, N] int32
+    return (acc * sx * w.scale).to(x.dtype)
+
+
+def int8_dynamic_reference(x: torch.Tensor, w: Int8Packed) -> torch.Tensor:
+    """The dynamic kernel's math in float32: per-row activation rounding included."""
+    x32 = x.float()
+    sx = x32.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+    xq = torch.round(x32 / sx)
+    return (xq @ w.codes.float().t()) * sx * w.scale
+
+
+# ---- int4 ---------------------------------------------------------------------
+def pack_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> Int4Packed:
+    """codes uint8 0..15 [N, K], w = scale * code + zero per group ([N, K/g] each)."""
+    n, k = codes.shape
+    pad = -n % INT4_TILE_N
+    q = codes.to(torch.int32)
+    if pad:
+        q = torch.cat([q, q.new_zeros(pad, k)])
+        scale = torch.cat([scale, scale.new_zeros(pad, scale.shape[1])])
+        zero = torch.cat([zero, zero.new_zeros(pad, zero.shape[1])])
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)  # [Np, K/2]
+    if not torch.equal(unpack_int4_codes(packed, k), q.to(torch.uint8)):
+        raise RuntimeError("torch's CPU int4 weight layout is not the one batchlm reads "
+                           f"(torch {torch.__version__}); int4 is not available with this torch")
+    # kernel: (q - 8) * s + z  ==  s * q + zero  =>  z = zero + 8 s
+    sz = torch.stack([scale.float().t(), (zero.float() + 8 * scale.float()).t()], dim=-1)
+    return Int4Packed(packed, sz.to(torch.bfloat16).contiguous(), n, group_size)
+
+
+def unpack_int4_codes(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Invert torch's CPU tiled int4 layout: uint8 [Np, K/2] -> codes uint8 [Np, K].
+    Tile of 64 rows: byte j of input k holds row j (low nibble) and row j + 32 (high)."""
+    np_ = packed.shape[0]
+    p = packed.view(np_ // INT4_TILE_N, k, INT4_TILE_N // 2)  # [tiles, K, 32]
+    both = torch.stack([p & 15, p >> 4], dim=1)  # [tiles, 2, K, 32]
+    return both.permute(0, 1, 3, 2).reshape(np_, k)  # [Np, K]
+
+
+def dequantize_int4(w: Int4Packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    k = w.packed.shape[1] * 2
+    codes = unpack_int4_codes(w.packed, k)[: w.n]  # [N, K]
+    g = w.group_size
+    sz = w.sz[:, : w.n].to(dtype)  # [K/g, N, 2]
+    q = codes.to(dtype).view(w.n, k // g, g) - 8
+    return (q * sz[..., 0].t().unsqueeze(-1) + sz[..., 1].t().unsqueeze(-1)).view(w.n, k)
+
+
+def int4_pack_mm(x: torch.Tensor, w: Int4Packed) -> torch.Tensor:
+    xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w.packed, w.group_size, w.sz)  # [M, Np]
+    if y.shape[1] != w.n:
+        y = y[:, : w.n]
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def int4_dequant_mm(x: torch.Tensor, w: Int4Packed) -> torch.Tensor:
+    return F.linear(x, dequantize_int4(w, x.dtype))  # [M, N]
+
+
+def int4_rows(w: Int4Packed, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantized rows `rows` [T] of the weight -> [T, K] (an embedding lookup)."""
+    k = w.packed.shape[1] * 2
+    p = w.packed.view(-1, k, INT4_TILE_N // 2)  # [tiles, K, 32]
+    tile, within = rows // INT4_TILE_N, rows % INT4_TILE_N
+    b = p[tile, :, within % 32]  # [T, K]
+    codes = torch.where((within >= 32).unsqueeze(1), b >> 4, b & 15)
+    sz = w.sz[:, rows].to(dtype)  # [K/g, T, 2]
+    g = w.group_size
+    q = codes.to(dtype).view(len(rows), k // g, g) - 8
+    return (q * sz[..., 0].t().unsqueeze(-1) + sz[..., 1].t().unsqueeze(-1)).view(len(rows), k)
+
+
+# ---- fp8 (CUDA) -----------------------------------------------------------------
+def pack_fp8(weight: torch.Tensor) -> Fp8Packed:
+    """weight float [N, K] -> e4m3 codes with one scale per output channel."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / torch.finfo(torch.float8_e4m3fn).max).clamp(min=1e-12)  # [N]
+    return Fp8Packed((w / scale.unsqueeze(1)).to(torch.float8_e4m3fn), scale)
+
+
+def dequantize_fp8(w: Fp8Packed) -> torch.Tensor:
+    return w.codes.float() * w.scale.unsqueeze(1)
+
+
+def fp8_scaled_mm(x: torch.Tensor, w: Fp8Packed) -> torch.Tensor:
+    fmax = torch.finfo(torch.float8_e4m3fn).max
+    x32 = x.float()
+    sx = (x32.abs().amax(dim=1, keepdim=True) / fmax).clamp_(min=1e-12)  # [M, 1]
+    xq = (x32 / sx).to(torch.float8_e4m3fn)
+    return torch._scaled_mm(xq, w.codes.t(), scale_a=sx, scale_b=w.scale.unsqueeze(0),
+                            out_dtype=x.dtype)
