@@ -95,7 +95,8 @@ def run(args) -> int:
         llm = LLM(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens,
                   enable_prefix_caching=setting == "on", kv_cache_memory=args.kv_cache_memory,
-                  seed=args.seed, compile_model=args.compile)
+                  seed=args.seed, compile_model=args.compile, quantization=args.quantization,
+                  kv_cache_dtype=args.kv_cache_dtype or "auto")
         if prompts is None:
             tokenizer = AutoTokenizer.from_pretrained(str(llm.model_dir))
             prompts, labels = classification_prompts(tokenizer, args.num_rows, args.seed)

@@ -31,7 +31,11 @@ def _int_list(text: str) -> list[int]:
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, HF dir or GGUF file")
-    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on CPUs with native bf16 (AVX-512 BF16/AMX), else float32")
+    p.add_argument("--quantization", default=None, metavar="METHOD",
+                   help="int8, int8_dynamic, int4, int4_g32, int4_g64, int4_g128 (fp8: CUDA)")
+    p.add_argument("--kv-cache-dtype", default=None, choices=["auto", "float32", "bfloat16", "float16", "fp8"])
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache budget in bytes")
@@ -60,6 +64,10 @@ def _add_throughput(sub) -> None:
     data.add_argument("--max-tokens", type=int, default=128, help="new tokens per request (eos stops earlier)")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per engine; the median is reported")
+    p.add_argument("--compare", action="append", metavar="CONFIG",
+                   help="also time batchlm with this config in the same process on the same "
+                        "prompts, and print the ratio: a dtype (float32), a quantization "
+                        "(int8, int4_g32), optionally +kv_<dtype>; repeatable")
     p.add_argument("--baseline", choices=["hf"], help="also run transformers generate")
     p.add_argument("--hf-batch-sizes", type=_int_list, default=[1, 8, 16, 32], metavar="1,8,16,32")
     p.add_argument("--hf-max-prompts", type=int, default=None, metavar="N",

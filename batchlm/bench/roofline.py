@@ -9,7 +9,9 @@ Contract:
 - `workload_flops` = 2 × linear × prompt tokens + 2 × (linear + LM head) ×
   generated tokens (the definition in the issue; a prompt token served from
   the prefix cache still counts).
-- `matmul_gflops()` times an n×n×n fp32 torch.matmul on all threads: a few
+- `matmul_gflops(dtype=None)` times an n×n×n torch.matmul on all threads in
+  `dtype` (float32 by default; the benches pass the dtype the engine computes
+  in, e.g. bfloat16 under dtype="auto" or with int8/int4 weights): a few
   warm-ups, then the median of several runs, in GFLOP/s.
 """
 from __future__ import annotations
@@ -56,13 +58,15 @@ def workload_flops(config, prompt_tokens: int, generated_tokens: int) -> float:
     return 2.0 * lin * prompt_tokens + 2.0 * (lin + lm_head_params(config)) * generated_tokens
 
 
-def matmul_gflops(n: int = 2048, warmup: int = 3, repeats: int = 7) -> float:
-    """Dense fp32 n×n×n matmul rate of this machine, median of `repeats`."""
+def matmul_gflops(n: int = 2048, warmup: int = 3, repeats: int = 7, dtype=None) -> float:
+    """Dense n×n×n matmul rate of this machine in `dtype` (default float32),
+    median of `repeats`."""
     import torch
 
-    a = torch.randn(n, n, dtype=torch.float32)
-    b = torch.randn(n, n, dtype=torch.float32)
-    out = torch.empty(n, n, dtype=torch.float32)
+    dtype = dtype or torch.float32
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    out = torch.empty(n, n, dtype=dtype)
     for _ in range(warmup):
         torch.matmul(a, b, out=out)
     times = []

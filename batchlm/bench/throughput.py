@@ -78,10 +78,10 @@ def compare_outputs(a: list[list[int]], b: list[list[int]], eos: set[int]) -> tu
     return same, where
 
 
-def _hf_rows(args, model_dir, work, flops_of, gflops, batchlm_tokens):
+def _hf_rows(args, model_dir, work, flops_of, gflops, batchlm_tokens, dtype: str):
     from batchlm.bench.hf_baseline import eos_token_ids, load_hf_model, run_hf
 
-    model = load_hf_model(model_dir, args.dtype)
+    model = load_hf_model(model_dir, dtype)  # the dtype batchlm computed in
     rows, runs = [], []
     for bs in args.hf_batch_sizes:
         limit = None
@@ -114,6 +114,57 @@ def _hf_rows(args, model_dir, work, flops_of, gflops, batchlm_tokens):
     return rows, rows[best], result
 
 
+def _torch_dtype(name: str):
+    import torch
+
+    if name == "auto":
+        from batchlm.engine.device import auto_dtype
+
+        return auto_dtype(torch.device("cpu"))
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+
+
+def spec_kwargs(spec: str) -> dict:
+    """`--compare` item -> LLM kwargs: a dtype name, or a quantization method;
+    `+kv_<dtype>` sets kv_cache_dtype (e.g. `float32`, `int8`, `int4_g32+kv_bfloat16`)."""
+    word, _, kv = spec.partition("+")
+    out = {"dtype": word} if word in ("auto", "float32", "bfloat16", "float16") else {"quantization": word}
+    if kv:
+        if not kv.startswith("kv_"):
+            raise SystemExit(f"bench throughput: --compare {spec!r}: the suffix must be +kv_<dtype>")
+        out["kv_cache_dtype"] = kv[3:]
+    return out
+
+
+def _engine(args, kwargs: dict):
+    from batchlm import LLM
+
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    return LLM(model=args.model, max_num_seqs=args.max_num_seqs,
+               max_num_batched_tokens=args.max_num_batched_tokens,
+               enable_prefix_caching=not args.no_prefix_caching,
+               kv_cache_memory=args.kv_cache_memory, seed=args.seed, compile_model=args.compile, **kwargs)
+
+
+def _describe(llm) -> str:
+    q = llm.engine.loaded.quantization
+    kv = llm.engine.runner.kv_caches[0][0].dtype
+    return (f"{str(llm.engine.dtype).removeprefix('torch.')}"
+            + (f", {q.name} weights" if q else "") + f", kv {str(kv).removeprefix('torch.')}")
+
+
+def _batchlm_row(llm, name, work, repeats, flops_of, gflops):
+    print(f"[bench] {name} ({_describe(llm)}) generate on {len(work.prompts)} prompts ...", flush=True)
+    wall, outs = _time_batchlm(llm, work, repeats)
+    errors = [o.error for o in outs if getattr(o, "error", None)]
+    tokens = [list(o.outputs[0].token_ids) if o.outputs else [] for o in outs]
+    n_out = sum(len(t) for t in tokens)
+    print(f"[bench]   {n_out} output tokens in {wall:.1f} s: {n_out / wall:.2f} tok/s", flush=True)
+    note = f"{len(errors)} requests failed: {errors[0]}" if errors else _describe(llm)
+    return Row(name, len(outs), work.num_prompt_tokens, n_out, wall, note,
+               flops_of(work.num_prompt_tokens, n_out) / wall / 1e9 / gflops), tokens
+
+
 def run(args) -> int:
     import torch
     from transformers import AutoConfig, AutoTokenizer
@@ -122,37 +173,37 @@ def run(args) -> int:
     if args.skip_batchlm:
         model_dir = args.model
     else:
-        from batchlm import LLM
-
-        llm = LLM(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-                  max_num_batched_tokens=args.max_num_batched_tokens,
-                  enable_prefix_caching=not args.no_prefix_caching,
-                  kv_cache_memory=args.kv_cache_memory, seed=args.seed, compile_model=args.compile)
+        llm = _engine(args, {"dtype": args.dtype, "quantization": args.quantization,
+                             "kv_cache_dtype": args.kv_cache_dtype or "auto"})
         model_dir = str(llm.model_dir)
     config = AutoConfig.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     work = build_workload(args, tokenizer)
     lens = [len(p) for p in work.prompts]
-    gflops = matmul_gflops()
+    run_dtype = llm.engine.dtype if llm is not None else _torch_dtype(args.dtype)
+    gflops = matmul_gflops(dtype=run_dtype)
     flops_of = lambda p, o: workload_flops(config, p, o)  # noqa: E731
 
     rows, summary = [], {}
     batchlm_tokens = None
-    if llm is not None:
-        print(f"[bench] batchlm generate on {len(work.prompts)} prompts ...", flush=True)
-        wall, outs = _time_batchlm(llm, work, args.repeats)
-        errors = [o.error for o in outs if getattr(o, "error", None)]
-        batchlm_tokens = [list(o.outputs[0].token_ids) if o.outputs else [] for o in outs]
-        n_out = sum(len(t) for t in batchlm_tokens)
-        print(f"[bench]   {n_out} output tokens in {wall:.1f} s: {n_out / wall:.2f} tok/s", flush=True)
-        note = f"{len(errors)} requests failed: {errors[0]}" if errors else ""
-        rows.append(Row("batchlm", len(outs), work.num_prompt_tokens, n_out, wall, note,
-                        flops_of(work.num_prompt_tokens, n_out) / wall / 1e9 / gflops))
+    ran_batchlm = llm is not None
+    if ran_batchlm:
+        row, batchlm_tokens = _batchlm_row(llm, "batchlm", work, args.repeats, flops_of, gflops)
+        rows.append(row)
+        llm = None  # free its weights and KV cache before the next engine
+        for spec in args.compare or []:
+            other = _engine(args, spec_kwargs(spec))
+            g = matmul_gflops(dtype=other.engine.dtype)
+            row, _ = _batchlm_row(other, f"batchlm {spec}", work, args.repeats, flops_of, g)
+            rows.append(row)
+            summary.setdefault("compare", {})[spec] = rows[0].output_tokens_per_s / row.output_tokens_per_s
+            del other
     if args.baseline == "hf":
-        hf_rows, best, hf_summary = _hf_rows(args, model_dir, work, flops_of, gflops, batchlm_tokens)
+        hf_rows, best, hf_summary = _hf_rows(args, model_dir, work, flops_of, gflops, batchlm_tokens,
+                                            str(run_dtype).removeprefix("torch."))
         rows.extend(hf_rows)
         summary["hf"] = hf_summary
-        if llm is not None:
+        if ran_batchlm:
             summary["ratio_output_tokens_per_s"] = rows[0].output_tokens_per_s / best.output_tokens_per_s
 
     print()
@@ -162,9 +213,12 @@ def run(args) -> int:
     print(f"workload: {work.description}; {work.num_prompt_tokens} prompt tokens "
           f"(min {min(lens)}, median {statistics.median(lens):.0f}, max {max(lens)})")
     print(f"machine:  torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"fp32 matmul 2048^3: {gflops:.1f} GFLOP/s (roofline = fraction of this)")
+          f"{str(run_dtype).removeprefix('torch.')} matmul 2048^3: {gflops:.1f} GFLOP/s "
+          "(roofline = fraction of the matmul rate in the dtype each engine computes in)")
     print(f"repeats:  {args.repeats} (median wall time)\n")
     print(format_table(rows))
+    for spec, ratio in summary.get("compare", {}).items():
+        print(f"\nbatchlm / batchlm {spec} output tokens/s (same process, same workload): {ratio:.2f}x")
     if "ratio_output_tokens_per_s" in summary:
         print(f"\nbatchlm / best transformers ({best.name}) output tokens/s: "
               f"{summary['ratio_output_tokens_per_s']:.2f}x")
@@ -176,7 +230,9 @@ def run(args) -> int:
     if args.json:
         write_json(args.json, {
             "command": command_line(args.argv), "model": args.model, "model_dir": model_dir,
-            "dtype": args.dtype, "compile_model": args.compile, "workload": work.description,
+            "dtype": args.dtype, "run_dtype": str(run_dtype).removeprefix("torch."),
+            "quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype,
+            "compile_model": args.compile, "workload": work.description,
             "num_prompts": len(work.prompts),
             "prompt_tokens": work.num_prompt_tokens, "matmul_gflops": gflops, "repeats": args.repeats,
             "threads": torch.get_num_threads(), "rows": [r.to_dict() for r in rows], **summary})

@@ -9,7 +9,7 @@ from batchlm.bench import cli
 
 def test_throughput_defaults():
     args = cli.build_parser().parse_args(["bench", "throughput"])
-    assert args.model == "smollm2-135m-instruct" and args.dtype == "float32"
+    assert args.model == "smollm2-135m-instruct" and args.dtype == "auto" and args.quantization is None
     assert args.num_prompts is None and args.max_tokens == 128 and args.prompt_len_range == [100, 600]
     assert args.hf_batch_sizes == [1, 8, 16, 32] and args.baseline is None and args.repeats == 1
     assert args.func is cli._run_throughput

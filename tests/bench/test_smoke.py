@@ -37,3 +37,19 @@ def test_classify_end_to_end(tiny_model_dir, tmp_path):
     assert _run(["bench", "classify", "--model", tiny_model_dir, "--num-rows", "3", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["rows"] == 3 and data["speedup"] > 0 and data["instruction_tokens"] > 200
+
+
+def test_throughput_quantized_with_a_same_process_comparison(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "q.json"
+    rc = _run(["bench", "throughput", "--model", tiny_model_dir, "--num-prompts", "3",
+               "--prompt-len-range", "100", "140", "--max-tokens", "4", "--quantization", "int8",
+               "--compare", "float32", "--compare", "int4_g32+kv_bfloat16", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "batchlm / batchlm float32 output tokens/s (same process, same workload)" in text
+    data = json.loads(out.read_text())
+    assert [r["name"] for r in data["rows"]] == ["batchlm", "batchlm float32", "batchlm int4_g32+kv_bfloat16"]
+    notes = [r["note"] for r in data["rows"]]
+    assert "int8 weights" in notes[0] and notes[1].startswith("float32,") and "kv bfloat16" in notes[2]
+    assert set(data["compare"]) == {"float32", "int4_g32+kv_bfloat16"}
+    assert data["quantization"] == "int8" and data["run_dtype"] in ("float32", "bfloat16")
