@@ -65,10 +65,10 @@ def parse_quantization(value: Any) -> QuantConfig | None:
     if isinstance(value, dict):
         unknown = sorted(set(value) - {"method", "group_size", "lm_head"})
         if unknown:
-            raise ValueError(f"quantization: unknown key(s) {', '.join(unknown)} "
+            raise ValueError(f"quantization has unknown key(s) {', '.join(unknown)} "
                              "(known: method, group_size, lm_head)")
         if "method" not in value:
-            raise ValueError("quantization: the dict needs a 'method' (int8, int8_dynamic, int4, fp8)")
+            raise ValueError("quantization needs a 'method' key (int8, int8_dynamic, int4, fp8)")
         lm_head = value.get("lm_head", True)
         if not isinstance(lm_head, bool):
             raise ValueError(f"quantization.lm_head must be true or false, got {lm_head!r}")

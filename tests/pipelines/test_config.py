@@ -54,6 +54,21 @@ def test_every_engine_and_sampling_option_is_accepted():
     assert cfg.sampling.params().stop == ["\n"]
 
 
+def test_precision_keys_in_yaml(tmp_path):
+    cfg = parse_config(tiny_job("m", "o", model={"quantization": {"method": "int4", "group_size": 128},
+                                                   "kv_cache_dtype": "bfloat16"}))
+    assert cfg.model.engine_kwargs()["quantization"] == {"method": "int4", "group_size": 128}
+    assert parse_config(tiny_job("m", "o", model={"quantization": "int8"})).model.engine_kwargs()["quantization"] == "int8"
+    msg = _err(tmp_path, tiny_job("m", "o", model={"quantization": {"method": "int4", "bits": 3}}))
+    assert "model.quantization: has unknown key(s) bits" in msg
+    assert "model.quantization: must be" in _err(tmp_path, tiny_job("m", "o", model={"quantization": "int9"}))
+    assert "model.kv_cache_dtype" in _err(tmp_path, tiny_job("m", "o", model={"kv_cache_dtype": "int8"}))
+    # a precision change is a result change: resuming with it is refused
+    a = result_fields(parse_config(tiny_job("m", "o")))
+    b = result_fields(parse_config(tiny_job("m", "o", model={"quantization": "int8"})))
+    assert any("model.quantization" in line for line in diff_fields(a, b))
+
+
 def test_result_diff_lists_what_changed():
     a = result_fields(parse_config(tiny_job("m", "o")))
     b = result_fields(parse_config(tiny_job("m", "o", sampling={"max_tokens": 9}, resources={"replicas": 3})))

@@ -29,7 +29,7 @@ def test_parse_quantization(value, want):
 @pytest.mark.parametrize("value,words", [
     ("int3", "quantization must be"), ("int4_g48", "group_size must be one of"),
     ({"method": "int8", "group_size": 32}, "applies to int4 only"),
-    ({"method": "int4", "bits": 4}, "unknown key(s) bits"), ({"group_size": 32}, "needs a 'method'"),
+    ({"method": "int4", "bits": 4}, "unknown key(s) bits"), ({"group_size": 32}, "needs a 'method' key"),
     ({"method": "int4", "lm_head": "no"}, "lm_head must be true or false"), (4, "quantization must be"),
 ])
 def test_bad_quantization_is_named(value, words):
