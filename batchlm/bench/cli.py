@@ -1,4 +1,4 @@
-"""`python -m batchlm bench throughput|classify|...`: the benchmark commands.
+"""`python -m batchlm bench throughput|classify|quality|...`: the benchmark commands.
 
 Contract: `register(subparsers)` adds `bench` with its own subcommands, each
 with `set_defaults(func=handler)`; a handler takes the parsed args and returns
@@ -17,6 +17,7 @@ import importlib
 
 EXTRA_BENCH_MODULES = ("batchlm.pipelines.bench",)
 DEFAULT_MODEL = "smollm2-135m-instruct"
+QUALITY_CONFIGS = "float32,bfloat16,int8,int4,int4_g32,int4_g128"
 
 
 def _int_list(text: str) -> list[int]:
@@ -89,6 +90,33 @@ def _add_classify(sub) -> None:
     p.set_defaults(func=_run_classify)
 
 
+def _add_quality(sub) -> None:
+    p = sub.add_parser("quality", help="perplexity and greedy agreement of precision configs vs float32",
+                       description="For each config (float32 first, the reference): perplexity on a "
+                                   "committed public-domain text (batchlm/bench/data/SOURCE.md), greedy "
+                                   "outputs token-identical to float32's, weight bytes. A config the "
+                                   "engine rejects is reported as not available.")
+    _engine_args(p)
+    # NOTE: the config list decides each config's dtype, quantization and KV cache dtype;
+    # --dtype is only for the quantized ones (--quantization and --kv-cache-dtype are refused).
+    p.set_defaults(dtype="auto")
+    p.add_argument("--configs", default=QUALITY_CONFIGS,
+                   metavar="C1,C2,...",
+                   help="dtype names (float32, bfloat16, float16, auto) or quantization names "
+                        "(run with --dtype), each optionally +kv_<dtype> for the KV cache; "
+                        "float32 always runs first")
+    p.add_argument("--window", type=int, default=1024, help="tokens per scoring window")
+    p.add_argument("--stride", type=int, default=512,
+                   help="a window starts every STRIDE (< WINDOW) tokens; each token is scored once, "
+                        "after the first window with >= WINDOW - STRIDE tokens of context")
+    p.add_argument("--text-tokens", type=int, default=0, metavar="N",
+                   help="score only the first N tokens of the text (default 0: all of it)")
+    p.add_argument("--num-prompts", type=int, default=16, help="greedy agreement prompts")
+    p.add_argument("--max-tokens", type=int, default=64, help="greedy new tokens per prompt (eos stops)")
+    p.add_argument("--prompt-len-range", type=int, nargs=2, default=[100, 600], metavar=("MIN", "MAX"))
+    p.set_defaults(func=_run_quality)
+
+
 def _run_throughput(args) -> int:
     from batchlm.bench.throughput import run
 
@@ -103,11 +131,25 @@ def _run_classify(args) -> int:
     return run(args)
 
 
+def _run_quality(args) -> int:
+    from batchlm.bench.quality import run
+
+    if args.quantization is not None or args.kv_cache_dtype is not None:
+        raise SystemExit("bench quality: name quantization and KV cache dtype per config in --configs "
+                         "(e.g. int8,int4_g32+kv_bfloat16), not with --quantization/--kv-cache-dtype")
+    if not 1 <= args.stride < args.window:
+        raise SystemExit("bench quality: need 1 <= --stride < --window")
+    if args.text_tokens < 0 or args.num_prompts < 1 or args.max_tokens < 1:
+        raise SystemExit("bench quality: --text-tokens must be >= 0, --num-prompts and --max-tokens >= 1")
+    return run(args)
+
+
 def register(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("bench", help="benchmarks: throughput, classify, ...")
+    p = subparsers.add_parser("bench", help="benchmarks: throughput, classify, quality, ...")
     bench_sub = p.add_subparsers(dest="bench_command", required=True)
     _add_throughput(bench_sub)
     _add_classify(bench_sub)
+    _add_quality(bench_sub)
     for name in EXTRA_BENCH_MODULES:
         try:
             module = importlib.import_module(name)
