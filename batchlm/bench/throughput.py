@@ -124,16 +124,15 @@ def _torch_dtype(name: str):
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
 
 
-def spec_kwargs(spec: str) -> dict:
-    """`--compare` item -> LLM kwargs: a dtype name, or a quantization method;
-    `+kv_<dtype>` sets kv_cache_dtype (e.g. `float32`, `int8`, `int4_g32+kv_bfloat16`)."""
-    word, _, kv = spec.partition("+")
-    out = {"dtype": word} if word in ("auto", "float32", "bfloat16", "float16") else {"quantization": word}
-    if kv:
-        if not kv.startswith("kv_"):
-            raise SystemExit(f"bench throughput: --compare {spec!r}: the suffix must be +kv_<dtype>")
-        out["kv_cache_dtype"] = kv[3:]
-    return out
+def spec_kwargs(spec: str, dtype: str = "auto") -> dict:
+    """`--compare` item -> LLM kwargs, in bench quality's config syntax (a dtype
+    name, or a quantization method run in `dtype`, optionally `+kv_<dtype>`)."""
+    from batchlm.bench.quality import parse_config
+
+    try:
+        return parse_config(spec, dtype)
+    except ValueError as e:
+        raise SystemExit(f"bench throughput: --compare: {e}") from None
 
 
 def _engine(args, kwargs: dict):
@@ -192,7 +191,7 @@ def run(args) -> int:
         rows.append(row)
         llm = None  # free its weights and KV cache before the next engine
         for spec in args.compare or []:
-            other = _engine(args, spec_kwargs(spec))
+            other = _engine(args, spec_kwargs(spec, args.dtype))
             g = matmul_gflops(dtype=other.engine.dtype)
             row, _ = _batchlm_row(other, f"batchlm {spec}", work, args.repeats, flops_of, g)
             rows.append(row)
