@@ -225,7 +225,7 @@ def check_model(cfg: JobConfig) -> None:
     from batchlm.models.resolve import resolve_model
 
     try:
-        model_dir, _ = resolve_model(cfg.model.name)
+        model_dir, _ = resolve_model(cfg.model.name, weights=False)  # config and tokenizer only
         load_config(model_dir)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.name: {e}") from None

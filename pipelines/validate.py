@@ -25,7 +25,7 @@ def _tokenizer_and_limit(cfg):
     from batchlm.models.resolve import resolve_model
 
     try:
-        model_dir, _ = resolve_model(cfg.model.name)
+        model_dir, _ = resolve_model(cfg.model.name, weights=False)  # config and tokenizer only
         tok, hf = load_tokenizer(model_dir), load_config(model_dir)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"model.name: {e}") from None
