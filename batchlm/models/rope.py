@@ -5,10 +5,16 @@ Contract
 `RotaryEmbedding(hf_config, dtype)` reads the rope settings of an HF config
 (transformers 5 `rope_parameters`, or the older `rope_theta` + `rope_scaling`)
 and builds `cos, sin: [max_positions, rot_dim / 2]` once, on the CPU, in
-`dtype`. `lookup(positions [T]) -> (cos, sin) [T, 1, rot_dim / 2]` (once per
-step), then `apply(x [T, heads, D], cos, sin)` rotates the first `rot_dim`
-features of every head (the "rotate half" convention of HF Llama), with no
-Python loop over tokens; `forward(positions, q, k)` does both.
+`dtype`. `lookup(positions [T]) -> (cos, sin) [T, 1, rot_dim]` (once per
+step; cos = [cos | cos], sin = [-sin | sin] over the two halves), then
+`apply(x [T, heads, D], cos, sin)` rotates the first `rot_dim` features of
+every head (the "rotate half" convention of HF Llama), with no Python loop
+over tokens; `forward(positions, q, k)` does both.
+
+`apply` is `x * cos + roll(x, rot_dim / 2) * sin`: the same products and sums
+as HF's `x * cos + rotate_half(x) * sin`, so bitwise equal, in 4 ops instead
+of the 9 of slicing the halves apart and concatenating them (measured on one
+decode token's [1, 12, 64]: ~2x faster; a step runs it once per layer).
 
 Frequencies come from transformers' `ROPE_INIT_FUNCTIONS` (linear, dynamic,
 yarn, longrope, llama3, ...), so each rope type matches HF exactly, including
@@ -70,20 +76,24 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin: [T, 1, rot_dim / 2] for positions [T]; done once per forward."""
+        """cos, sin: [T, 1, rot_dim] for positions [T] (see the contract); once per forward."""
         if self.cos.device != positions.device:
             self.cos = self.cos.to(positions.device)
             self.sin = self.sin.to(positions.device)
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        cos = self.cos[positions]  # [T, rot_dim / 2]
+        sin = self.sin[positions]
+        # NOTE: the tables stay half width (a 128k-position model's would
+        # double); widening them here costs 3 ops per step, not per layer.
+        return torch.cat((cos, cos), dim=-1).unsqueeze(1), torch.cat((-sin, sin), dim=-1).unsqueeze(1)
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x: [T, heads, D]; cos, sin: [T, 1, rot_dim / 2]
+        # x: [T, heads, D]; cos, sin: [T, 1, rot_dim] from lookup
         half = self.rot_dim // 2
-        x1 = x[..., :half]
-        x2 = x[..., half:self.rot_dim]
-        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
         if self.rot_dim == self.head_dim:
-            return rotated
+            # roll(x, half) = [x2 | x1]: x * cos + roll * sin = [x1 c - x2 s | x2 c + x1 s]
+            return torch.mul(x, cos).add_(x.roll(half, -1).mul_(sin))  # [T, heads, D], fresh
+        r = x[..., :self.rot_dim]
+        rotated = torch.mul(r, cos).add_(r.roll(half, -1).mul_(sin))
         return torch.cat((rotated, x[..., self.rot_dim:]), dim=-1)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
