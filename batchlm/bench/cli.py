@@ -68,7 +68,7 @@ def _add_throughput(sub) -> None:
     p.add_argument("--compare", action="append", metavar="CONFIG",
                    help="also time batchlm with this config in the same process on the same "
                         "prompts, and print the ratio: a dtype (float32), a quantization "
-                        "(int8, int4_g32), optionally +kv_<dtype>; repeatable")
+                        "(int8, int4_g32; run with dtype auto), optionally +kv_<dtype>; repeatable")
     p.add_argument("--baseline", choices=["hf"], help="also run transformers generate")
     p.add_argument("--hf-batch-sizes", type=_int_list, default=[1, 8, 16, 32], metavar="1,8,16,32")
     p.add_argument("--hf-max-prompts", type=int, default=None, metavar="N",

@@ -191,7 +191,7 @@ def run(args) -> int:
         rows.append(row)
         llm = None  # free its weights and KV cache before the next engine
         for spec in args.compare or []:
-            other = _engine(args, spec_kwargs(spec, args.dtype))
+            other = _engine(args, spec_kwargs(spec))  # quantized configs: dtype auto
             g = matmul_gflops(dtype=other.engine.dtype)
             row, _ = _batchlm_row(other, f"batchlm {spec}", work, args.repeats, flops_of, g)
             rows.append(row)
