@@ -16,6 +16,9 @@ Logprobs, when asked for, come from the raw logits (before steps 1-4).
 Fast path: if every row is greedy with no penalties, min_tokens or logprobs,
 the step is one argmax over [B, V].
 
+Greedy picks are `greedy_argmax`: the first index of the row maximum, as
+torch.argmax (and so transformers' greedy search) picks it.
+
 The sampler keeps no per-request state and never mutates the caller's
 logits. Columns >= vocab_size (padded model vocab) are never sampled.
 NOTE: on CPU, fresh [B, V] allocations cost more than the math, so the
@@ -34,6 +37,17 @@ from batchlm.sampling.plan import StepPlan
 from batchlm.sampling.types import SamplerOutput, SamplingRow
 
 
+def greedy_argmax(x: Tensor) -> Tensor:
+    """[B] long: per row of x [B, V], the first index of its maximum (NaN
+    counts as the maximum), the same index as `x.argmax(-1)`.
+
+    NOTE: `max(dim).indices`, not argmax: on the CPU, argmax's reduction is
+    3-4x slower (measured, one thread, [1, 49152] fp32: ~65 vs ~23 us;
+    [64, 49152]: ~7.6 vs ~4.6 ms on a loaded machine, 20 vs 4.8 ms on a busier one).
+    """
+    return x.max(dim=-1).indices
+
+
 class Sampler:
     def __init__(self, vocab_size: int, device, seed: int = 0):
         self.vocab_size = vocab_size
@@ -50,7 +64,7 @@ class Sampler:
         raw = logits[:, : self.vocab_size]  # [B, V] view
         plan = StepPlan.build(rows)
         if plan.pure_argmax:
-            return SamplerOutput(raw.argmax(dim=-1).tolist(), [None] * len(rows))
+            return SamplerOutput(greedy_argmax(raw).tolist(), [None] * len(rows))
 
         x = self._workspace(len(rows), raw.device)  # [B, V] float32, contiguous
         x.copy_(raw)
@@ -77,8 +91,8 @@ class Sampler:
     def _choose(self, x: Tensor, rows: list[SamplingRow], plan: StepPlan) -> Tensor:
         """Token per row [B] long from adjusted logits x [B, V]; x is overwritten."""
         if not plan.sample_rows:
-            return x.argmax(dim=-1)
-        greedy = x.argmax(dim=-1) if plan.greedy_rows else None  # [B]
+            return greedy_argmax(x)
+        greedy = greedy_argmax(x) if plan.greedy_rows else None  # [B]
         # NOTE: greedy rows ride along (temperature 1, no filters, no draw) so
         # every stage runs in place on the whole buffer; their pick is `greedy`.
         params = [r.params for r in rows]

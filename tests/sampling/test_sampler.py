@@ -16,6 +16,21 @@ def test_greedy_equals_argmax_fast_path():
     assert out.logprobs == [None] * 7
 
 
+def test_greedy_argmax_is_argmax_ties_nan_and_strided_rows_included():
+    from batchlm.sampling.sampler import greedy_argmax
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 1000, generator=g)
+    x[0, [5, 500, 999]] = 7.0  # ties: the first wins
+    x[1, :] = 0.0  # all tied
+    x[2, [3, 8]] = float("nan")  # NaN counts as the maximum
+    x[3, [0, 999]] = float("inf")
+    x[4, :] = float("-inf")
+    x[5] = torch.randint(0, 3, (1000,), generator=g).float()  # many ties
+    for rows in (x, x[:, :997], x[::2]):  # contiguous, padded-vocab slice, strided
+        assert torch.equal(greedy_argmax(rows), rows.argmax(-1))
+
+
 def test_greedy_ignores_filters_and_sees_penalties():
     x = torch.tensor([[1.0, 3.0, 2.0]])
     s = Sampler(3, "cpu")
