@@ -27,6 +27,7 @@ It knows nothing about requests, scheduling or sampling.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,9 +50,26 @@ class AttentionMetadata:
     seq_lens_list: list[int]
     query_lens_list: list[int]
     block_size: int
+    # Host-side block tables (unpadded), or None: a backend then reads
+    # block_tables (on the CPU only; on a GPU that would sync).
+    block_tables_list: list[list[int]] | None = None
     # Per-step values a backend derives once and reuses in every layer (masks,
     # index tensors). Owned by the backend; starts empty each step.
     derived: dict = field(default_factory=dict)
+
+
+class _DecodeGroup(NamedTuple):
+    """Decode sequences [start, end) attended to together (TorchPagedAttention._decode)."""
+
+    start: int
+    end: int
+    nb: int  # blocks gathered per sequence (the longest one's)
+    # Set when the group is one sequence whose nb blocks are consecutive ids
+    # in the cache: its keys and values are read in place, nothing is gathered.
+    first_block: int | None
+    rows: torch.Tensor | None  # cache rows to gather (_rows); None with first_block
+    pad: torch.Tensor | None  # [1, b, 1, L] additive mask of the padding; None with first_block
+    tables: torch.Tensor | None  # [b, nb] block tables; None with first_block
 
 
 class TorchPagedAttention:
@@ -68,6 +86,13 @@ class TorchPagedAttention:
     NOTE: the instance keeps grow-only scratch buffers for the decode gather
     (fresh multi-MB allocations each layer cost more in page faults than the
     copy itself on CPU). One instance serves one engine, one step at a time.
+
+    On the CPU, a sequence whose blocks have consecutive ids is read in
+    place, as strided views of the cache, when it decodes alone in its group
+    or prefills after cached tokens (IN_PLACE_DTYPES, _decode_in_place). At
+    batch 1 that is the usual case until the block manager's free list wraps
+    around (it starts in id order; freed sequences come back tail first);
+    other tables take the gather path.
     """
 
     name = "torch"
@@ -91,10 +116,15 @@ class TorchPagedAttention:
         T, H, D = q.shape
         KVH = k.shape[1]
         # Write the new keys/values into their slots: cache viewed as [KVH, slots, D].
-        k_cache.view(KVH, -1, D).index_copy_(1, meta.slot_mapping, k.transpose(0, 1).to(k_cache.dtype))
-        v_cache.view(KVH, -1, D).index_copy_(1, meta.slot_mapping, v.transpose(0, 1).to(v_cache.dtype))
-        out = torch.empty_like(q)
+        kt, vt = k.transpose(0, 1), v.transpose(0, 1)  # [KVH, T, D]
+        if kt.dtype != k_cache.dtype:
+            kt, vt = kt.to(k_cache.dtype), vt.to(v_cache.dtype)
+        k_cache.view(KVH, -1, D).index_copy_(1, meta.slot_mapping, kt)
+        v_cache.view(KVH, -1, D).index_copy_(1, meta.slot_mapping, vt)
         nd = meta.num_decodes
+        if nd == T:  # decodes only (most steps of a batch job): no copy into `out`
+            return self._decode(q, k_cache, v_cache, meta, scale, window)
+        out = torch.empty_like(q)
         if nd:
             out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, scale, window)
         start = nd
@@ -128,50 +158,109 @@ class TorchPagedAttention:
     # the gather and the matmul that reads them.
     GROUP_TOKENS = 8192
 
-    def _decode_groups(self, meta, B, k_cache):
-        dtype = k_cache.dtype
+    def _decode_groups(self, meta, B, k_cache) -> list[_DecodeGroup]:
         groups = meta.derived.get("decode_groups")
-        if groups is None:  # once per step: [(start, end, nb, cache rows, [1, b, 1, L] pad mask, tables)]
-            groups, lens, bs = [], meta.seq_lens_list[:B], meta.block_size
-            i = 0
-            while i < B:
-                j, width = i, 0
-                while j < B:
-                    w = max(width, -(-lens[j] // bs) * bs)
-                    if j > i and w * (j + 1 - i) > self.GROUP_TOKENS:
-                        break
-                    width, j = w, j + 1
-                L = width
-                pad = torch.arange(L, device=meta.seq_lens.device)[None, :] >= meta.seq_lens[i:j, None]
-                bias = torch.zeros(pad.shape, dtype=dtype, device=pad.device).masked_fill_(pad, float("-inf"))
-                tables = meta.block_tables[i:j, :L // bs]
-                groups.append((i, j, L // bs, self._rows(k_cache, tables), bias[None, :, None, :], tables))
-                i = j
-            meta.derived["decode_groups"] = groups
+        if groups is not None:
+            return groups
+        groups, lens, bs = [], meta.seq_lens_list[:B], meta.block_size
+        in_place = k_cache.device.type == "cpu" and k_cache.dtype in self.IN_PLACE_DTYPES
+        i = 0
+        while i < B:  # once per step, not per layer
+            j, width = i, 0
+            while j < B:
+                w = max(width, -(-lens[j] // bs) * bs)
+                if j > i and w * (j + 1 - i) > self.GROUP_TOKENS:
+                    break
+                width, j = w, j + 1
+            nb = width // bs
+            first = self._first_block(meta, i, nb) if in_place and j == i + 1 else None
+            if first is not None:
+                groups.append(_DecodeGroup(i, j, nb, first, None, None, None))
+            else:
+                pad = torch.arange(width, device=meta.seq_lens.device)[None, :] >= meta.seq_lens[i:j, None]
+                bias = torch.zeros(pad.shape, dtype=k_cache.dtype, device=pad.device).masked_fill_(pad, float("-inf"))
+                tables = meta.block_tables[i:j, :nb]
+                groups.append(_DecodeGroup(i, j, nb, None, self._rows(k_cache, tables),
+                                           bias[None, :, None, :], tables))
+            i = j
+        meta.derived["decode_groups"] = groups
         return groups
 
+    # Cache dtypes whose consecutive blocks are read in place on the CPU (see
+    # _decode_in_place). Not bfloat16: its bmm on strided views of the cache
+    # is slower than the gather path (measured at 300 and 1000 cached tokens:
+    # 91-100 vs 66-89 us, 295-321 vs 175-200 us).
+    IN_PLACE_DTYPES = (torch.float32,)
+
+    @staticmethod
+    def _first_block(meta, i, nb) -> int | None:
+        """The id of sequence i's first block if its first nb blocks have
+        consecutive ids (in the cache they then form one [KVH, nb * bs, D]
+        view), else None. Host-side; only called on the CPU."""
+        tables = meta.block_tables_list
+        table = tables[i] if tables is not None else meta.block_tables[i, :nb].tolist()
+        b0 = table[0]
+        if table[nb - 1] - b0 != nb - 1 or table[:nb] != list(range(b0, b0 + nb)):
+            return None
+        return b0
+
     def _decode(self, q, k_cache, v_cache, meta, scale, window):
-        # q: [B, H, D], one query per sequence. NOTE: the runner orders decodes
-        # by length, so each group's padded gather wastes little.
+        # q: [B, H, D], one query per sequence -> [B, H, D]. NOTE: the runner
+        # orders decodes by length, so each group's padded gather wastes little.
         B, H, D = q.shape
         KVH = k_cache.shape[0]
         G = H // KVH
-        out = torch.empty_like(q)
-        qs = (q * scale).view(B, KVH, G, D).transpose(0, 1).to(k_cache.dtype)  # [KVH, B, G, D]
+        groups = self._decode_groups(meta, B, k_cache)
+        if B == 1 and groups[0].first_block is not None:  # batch 1: the fewest ops
+            qs = q.reshape(KVH, G, D) * scale  # a view: [1, H, D] -> [KVH, G, D]
+            if qs.dtype != k_cache.dtype:
+                qs = qs.to(k_cache.dtype)
+            o = self._decode_in_place(qs, k_cache, v_cache, groups[0].first_block, meta.seq_lens_list[0],
+                                      window).view(1, H, D)
+            return o if o.dtype == q.dtype else o.to(q.dtype)
+        qs = (q * scale).view(B, KVH, G, D).transpose(0, 1)  # [KVH, B, G, D]
+        if qs.dtype != k_cache.dtype:
+            qs = qs.to(k_cache.dtype)
         cpu = q.device.type == "cpu"
-        for i, j, nb, rows, pad, tables in self._decode_groups(meta, B, k_cache):
+        out = None if len(groups) == 1 else torch.empty_like(q)
+        for i, j, nb, first, rows, pad, tables in groups:
             b = j - i
-            if window is not None:
-                pad = self._window_bias(meta, i, j, pad, window)
-            keys = self._gather("k", k_cache, rows, b, nb)  # [KVH, b, L, D]
-            if cpu:
-                o = self._decode_cpu(qs[:, i:j], keys, v_cache, pad, meta, i, tables, window)
+            if first is not None:
+                o = self._decode_in_place(qs[:, i], k_cache, v_cache, first, meta.seq_lens_list[i],
+                                          window)[:, None]
             else:
-                # SDPA sees batch=KVH, heads=b, G queries each: no GQA expansion.
-                vals = self._gather("v", v_cache, rows, b, nb)
-                o = F.scaled_dot_product_attention(qs[:, i:j], keys, vals, attn_mask=pad, scale=1.0)
-            out[i:j].view(b, KVH, G, D).copy_(o.transpose(0, 1))  # o: [KVH, b, G, D]
+                if window is not None:
+                    pad = self._window_bias(meta, i, j, pad, window)
+                keys = self._gather("k", k_cache, rows, b, nb)  # [KVH, b, L, D]
+                if cpu:
+                    o = self._decode_cpu(qs[:, i:j], keys, v_cache, pad, meta, i, tables, window)
+                else:
+                    # SDPA sees batch=KVH, heads=b, G queries each: no GQA expansion.
+                    vals = self._gather("v", v_cache, rows, b, nb)
+                    o = F.scaled_dot_product_attention(qs[:, i:j], keys, vals, attn_mask=pad, scale=1.0)
+            # o: [KVH, b, G, D]
+            if out is None:  # one group: a view when b == 1, else one copy
+                o = o.transpose(0, 1).reshape(B, H, D)
+                return o if o.dtype == q.dtype else o.to(q.dtype)
+            out[i:j].view(b, KVH, G, D).copy_(o.transpose(0, 1))
         return out
+
+    @staticmethod
+    def _decode_in_place(qs, k_cache, v_cache, first, ctx, window):
+        # One sequence whose blocks are consecutive from `first`: its ctx
+        # positions are slots first * bs + [0, ctx) of the cache, so its keys
+        # and values are strided views; nothing is gathered, masked or padded.
+        # qs: [KVH, G, D] (scaled) -> [KVH, G, D].
+        # Measured on the default model's shapes (KVH 3, G 3, D 64), fp32, one
+        # thread: 26-28 vs 54-67 us at 300 cached tokens, 76-103 vs 234-291 us
+        # at 1000 (gather keys + masked baddbmm + softmax + embedding_bag).
+        KVH, NB, bs, D = k_cache.shape
+        lo = max(0, ctx - window) if window is not None else 0  # window: positions (ctx - W, ctx]
+        start = first * bs + lo
+        keys = k_cache.view(KVH, NB * bs, D).narrow(1, start, ctx - lo)  # [KVH, L, D]
+        vals = v_cache.view(KVH, NB * bs, D).narrow(1, start, ctx - lo)
+        p = torch.softmax(torch.bmm(qs, keys.transpose(1, 2)), dim=-1)  # [KVH, G, L]
+        return torch.bmm(p, vals)
 
     @staticmethod
     def _window_bias(meta, i, j, pad, window):
@@ -222,11 +311,22 @@ class TorchPagedAttention:
             keys, vals = k.transpose(0, 1), v.transpose(0, 1)  # [KVH, Q, D]
         else:
             nb = -(-ctx // bs)
-            rows = meta.derived.get(("prefill_rows", i))
-            if rows is None:  # once per step, not per layer
-                rows = meta.derived[("prefill_rows", i)] = self._rows(k_cache, meta.block_tables[i, :nb])
-            keys = k_cache.view(-1, bs * D).index_select(0, rows).view(KVH, nb * bs, D)
-            vals = v_cache.view(-1, bs * D).index_select(0, rows).view(KVH, nb * bs, D)
+            key = ("prefill_blocks", i)
+            if key not in meta.derived:  # once per step, not per layer
+                in_place = q.device.type == "cpu" and k_cache.dtype in self.IN_PLACE_DTYPES
+                first = self._first_block(meta, i, nb) if in_place else None
+                meta.derived[key] = (first, None if first is not None else
+                                     self._rows(k_cache, meta.block_tables[i, :nb]))
+            first, rows = meta.derived[key]
+            if first is not None:
+                # Consecutive blocks: read in place (as in _decode_in_place);
+                # bitwise the same result, 1-7% less time than gathering
+                # (measured: 256 new of 512, 512 of 2048, 100 of 1100 tokens).
+                keys = k_cache[:, first:first + nb].view(KVH, nb * bs, D)
+                vals = v_cache[:, first:first + nb].view(KVH, nb * bs, D)
+            else:
+                keys = k_cache.view(-1, bs * D).index_select(0, rows).view(KVH, nb * bs, D)
+                vals = v_cache.view(-1, bs * D).index_select(0, rows).view(KVH, nb * bs, D)
             keys, vals = keys[:, :ctx].to(q.dtype), vals[:, :ctx].to(q.dtype)
         if q.device.type != "cpu":
             mask = None

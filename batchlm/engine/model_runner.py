@@ -71,23 +71,30 @@ class ModelRunner:
             query_lens.append(n)
             tables.append(seq.block_table)
         width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
-        dev = self.device
         qsl = [0]
         for n in query_lens:
             qsl.append(qsl[-1] + n)
+        # NOTE: one host-to-device tensor for all six index arrays (views into
+        # it below): on a GPU one copy instead of six; on the CPU 14 vs 18 us
+        # per step at batch 1 (the Python loop above dominates at batch 64).
+        T, S = len(input_ids), len(seq_lens)
+        flat = input_ids + positions + slots + seq_lens + qsl
+        for t in tables:
+            flat += t
+            flat += [0] * (width - len(t))
+        buf = torch.tensor(flat, dtype=torch.long, device=self.device)
+        ids, pos, slot_mapping, lens, starts, padded = buf.split([T, T, T, S, S + 1, S * width])
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=torch.tensor(padded, dtype=torch.long, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=dev),
-            query_start_loc=torch.tensor(qsl, dtype=torch.long, device=dev),
+            slot_mapping=slot_mapping,
+            block_tables=padded.view(S, width),  # padded with 0
+            seq_lens=lens,
+            query_start_loc=starts,
             num_decodes=num_decodes,
             seq_lens_list=seq_lens,
             query_lens_list=query_lens,
             block_size=bs,
+            block_tables_list=tables,
         )
-        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)
         return ids, pos, meta, layout
 
     @torch.inference_mode()

@@ -60,7 +60,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._eps.device != x.device:
             self._eps, self._dim = self._eps.to(x.device), self._dim.to(x.device)
-        x32 = x.float()  # no copy when x is float32
+        x32 = x if x.dtype == torch.float32 else x.float()  # (an op even when a no-op)
         # eps + sum(x^2) / dim, then 1 / sqrt: [..., 1]
         inv = torch.addcdiv(self._eps, x32.square().sum(-1, keepdim=True), self._dim).rsqrt_()
         out = x32 * inv  # a fresh tensor: scaled in place below
@@ -110,13 +110,10 @@ class Attention(nn.Module):
         T = x.shape[0]
         H, KVH = self.num_heads, self.num_kv_heads
         heads = self.qkv_proj(x).view(T, H + 2 * KVH, self.head_dim)  # [T, H + 2 KVH, D]
-        v = heads[:, H + KVH:]  # [T, KVH, D]
+        qk, v = heads.split([H + KVH, KVH], dim=1)  # [T, H + KVH, D], [T, KVH, D]
         if self.q_norm is not None:
-            q = self.q_norm(heads[:, :H])
-            k = self.k_norm(heads[:, H:H + KVH])
-            qk = torch.cat((q, k), dim=1)  # [T, H + KVH, D]
-        else:
-            qk = heads[:, :H + KVH]
+            q, k = qk.split([H, KVH], dim=1)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)  # [T, H + KVH, D]
         # One rotary pass over queries and keys together.
         q, k = self.rotary.apply(qk, *rope).split([H, KVH], dim=1)  # [T, H, D], [T, KVH, D]
         out = self.attn.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window)  # [T, H, D]

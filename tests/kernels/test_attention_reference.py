@@ -1,5 +1,6 @@
 """The PyTorch paged-attention reference against plain dense causal attention,
-on fresh random inputs with scattered (non-contiguous) blocks."""
+on fresh random inputs with scattered (non-contiguous) blocks, consecutive
+blocks (read in place, no gather) and a mix of both."""
 from __future__ import annotations
 
 import math
@@ -26,12 +27,16 @@ def dense_attention(q, k, v, scale, window=None):
     return torch.einsum("hql,lhd->qhd", scores.softmax(-1), v.double()).float()
 
 
+@pytest.mark.parametrize("layout", ["scattered", "consecutive", "mixed"])
 @pytest.mark.parametrize("window", [None, 5, 13])
 @pytest.mark.parametrize("group_tokens,query_block", [(8192, 128), (8, 4)])
 @pytest.mark.parametrize("H,KVH,D", [(4, 4, 16), (8, 2, 32), (9, 3, 64)])
-def test_mixed_decode_and_prefill_step_matches_dense(H, KVH, D, group_tokens, query_block, window):
+def test_mixed_decode_and_prefill_step_matches_dense(H, KVH, D, group_tokens, query_block, window, layout):
     # group_tokens 8: every decode in a group of its own; query_block 4: prefill
     # chunks split into several query blocks, the last one partial.
+    # layout: each sequence's blocks scattered, or consecutive ids (a decode
+    # alone in its group and a prefill with cached tokens then read the cache
+    # in place), or consecutive for every other sequence.
     g = torch.Generator().manual_seed(H * 100 + D)
     bs, num_blocks = 4, 64
     backend = TorchPagedAttention()
@@ -41,15 +46,23 @@ def test_mixed_decode_and_prefill_step_matches_dense(H, KVH, D, group_tokens, qu
     # TorchPagedAttention), so reading one would show.
     k_cache = torch.randn(backend.kv_cache_shape(num_blocks, bs, KVH, D), generator=g) * 1e4
     v_cache = torch.randn(k_cache.shape, generator=g) * 1e4
-    perm = torch.randperm(num_blocks - 1, generator=g).add(1).tolist()  # scattered blocks, never 0
+    # Scattered blocks from [32, 64), consecutive ones from 1 up (never block 0).
+    perm = torch.randperm(num_blocks - 32, generator=g).add(32).tolist()
+    next_free = 1
     # (past tokens already cached, new tokens this step): decodes first
     shapes = [(9, 1), (3, 1), (17, 1), (0, 7), (5, 6), (12, 1), (30, 1)]
     shapes = [s for s in shapes if s[1] > 1 or s[0] > 0]
     shapes.sort(key=lambda s: s[1] != 1)
     full_k, full_v, tables = [], [], []
-    for past, new in shapes:
+    for idx, (past, new) in enumerate(shapes):
         n = past + new
-        table = [perm.pop() for _ in range(-(-n // bs))]
+        nb = -(-n // bs)
+        if layout == "consecutive" or (layout == "mixed" and idx % 2 == 0):
+            table = list(range(next_free, next_free + nb))
+            next_free += nb
+            assert next_free <= 32
+        else:
+            table = [perm.pop() for _ in range(nb)]
         tables.append(table)
         kk = torch.randn(n, KVH, D, generator=g)
         vv = torch.randn(n, KVH, D, generator=g)
@@ -72,7 +85,8 @@ def test_mixed_decode_and_prefill_step_matches_dense(H, KVH, D, group_tokens, qu
         seq_lens=torch.tensor([p + n for p, n in shapes]),
         query_start_loc=torch.tensor([0] + list(torch.cumsum(torch.tensor([n for _, n in shapes]), 0))),
         num_decodes=sum(1 for _, n in shapes if n == 1),
-        seq_lens_list=[p + n for p, n in shapes], query_lens_list=[n for _, n in shapes], block_size=bs)
+        seq_lens_list=[p + n for p, n in shapes], query_lens_list=[n for _, n in shapes], block_size=bs,
+        block_tables_list=None if layout == "scattered" else tables)
     scale = 1 / math.sqrt(D)
     out = backend.forward(torch.cat(qs), torch.cat(ks), torch.cat(vs), k_cache, v_cache, meta, scale, window)
     start = 0
