@@ -149,12 +149,13 @@ def perplexity(logprobs: list[float | None]) -> tuple[float, int]:
 
 
 def weight_bytes(llm) -> int | None:
-    """Bytes of the engine model's parameters and buffers, when it exposes them."""
+    """Bytes of the engine model's parameters and buffers (each tensor once), when it exposes them."""
     model = getattr(getattr(llm, "engine", None), "model", None)
     if model is None or not hasattr(model, "parameters"):
         return None
-    tensors = list(model.parameters()) + (list(model.buffers()) if hasattr(model, "buffers") else [])
-    return sum(t.numel() * t.element_size() for t in tensors)
+    from batchlm.quantization.apply import weight_bytes as module_bytes
+
+    return module_bytes(model)
 
 
 def describe(llm) -> str:

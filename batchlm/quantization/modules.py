@@ -38,9 +38,7 @@ from torch import nn
 from batchlm.kernels import quant_matmul as qm
 from batchlm.quantization.config import DEFAULT_INT4_GROUP, INT4_GROUPS, QuantConfig
 from batchlm.quantization.groupquant import GroupQuant, quantize_int4, quantize_int8
-
-_DEFAULT_KERNEL = {"int8": qm.int8_dequant_mm, "int8_dynamic": qm.int8_dynamic_mm,
-                   "int4": qm.int4_dequant_mm, "fp8": qm.fp8_scaled_mm}
+from batchlm.quantization.plan import CANDIDATES, UNBOUNDED
 
 
 class _QuantWeight(nn.Module):
@@ -132,7 +130,7 @@ class QuantLinear(_QuantWeight):
                  dtype: torch.dtype, name: str):
         super().__init__(out_features, in_features, qcfg, dtype, name)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
-        self.kernels: list[tuple[int, object]] = [(1 << 62, _DEFAULT_KERNEL[qcfg.method])]
+        self.kernels: list[tuple[int, object]] = [(UNBOUNDED, CANDIDATES[qcfg.method][-1])]  # until plan_kernels
 
     @classmethod
     def sharing(cls, source: "_QuantWeight", name: str) -> "QuantLinear":

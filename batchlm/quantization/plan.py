@@ -35,6 +35,8 @@ import torch
 
 from batchlm.kernels import quant_matmul as qm
 
+# NOTE: the last kernel of each method works at every batch size; a layer uses
+# it until a plan is set.
 CANDIDATES = {
     "int8": (qm.int8_pack_mm, qm.int8_dequant_mm),
     "int8_dynamic": (qm.int8_dynamic_mm,),
