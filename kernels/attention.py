@@ -89,7 +89,7 @@ class TorchPagedAttention:
 
     On the CPU, a sequence whose blocks have consecutive ids is read in
     place, as strided views of the cache, when it decodes alone in its group
-    or prefills after cached tokens (IN_PLACE_DTYPES, _decode_in_place). At
+    or prefills after cached tokens (IN_PLACE_DTYPES, _decode_one). At
     batch 1 that is the usual case until the block manager's free list wraps
     around (it starts in id order; freed sequences come back tail first);
     other tables take the gather path.
@@ -163,7 +163,7 @@ class TorchPagedAttention:
         if groups is not None:
             return groups
         groups, lens, bs = [], meta.seq_lens_list[:B], meta.block_size
-        in_place = k_cache.device.type == "cpu" and k_cache.dtype in self.IN_PLACE_DTYPES
+        in_place = k_cache.device.type == "cpu" and k_cache.dtype in self.DECODE_IN_PLACE_DTYPES
         i = 0
         while i < B:  # once per step, not per layer
             j, width = i, 0
@@ -186,11 +186,20 @@ class TorchPagedAttention:
         meta.derived["decode_groups"] = groups
         return groups
 
-    # Cache dtypes whose consecutive blocks are read in place on the CPU (see
-    # _decode_in_place). Not bfloat16: its bmm on strided views of the cache
-    # is slower than the gather path (measured at 300 and 1000 cached tokens:
-    # 91-100 vs 66-89 us, 295-321 vs 175-200 us).
+    # Cache dtypes whose consecutive blocks a prefill reads in place on the
+    # CPU. Not bfloat16: its bmm on strided views of the cache is slower than
+    # the gather path (measured at 300 and 1000 cached tokens: 91-100 vs
+    # 66-89 us, 295-321 vs 175-200 us).
     IN_PLACE_DTYPES = (torch.float32,)
+    # ... and those a lone decode reads in place (_decode_one).
+    DECODE_IN_PLACE_DTYPES = (torch.float32, torch.bfloat16)
+    # Cache dtypes a lone decode computes in float32 (_decode_one): CPU bmm
+    # in bfloat16 at these shapes is slower than copying to float32 first.
+    # Default model's shapes, 2 threads, Xeon with AMX, 2026-11-26: in place
+    # 49 vs 88 us at 300 cached tokens, 96 vs 170 us at 1000; at batch 1 a
+    # bf16 cache is therefore gathered and upcast rather than sent through
+    # the masked bf16 baddbmm + embedding_bag path (61-75 vs ~125 us at 300).
+    UPCAST_DTYPES = (torch.bfloat16,)
 
     @staticmethod
     def _first_block(meta, i, nb) -> int | None:
@@ -211,23 +220,25 @@ class TorchPagedAttention:
         KVH = k_cache.shape[0]
         G = H // KVH
         groups = self._decode_groups(meta, B, k_cache)
-        if B == 1 and groups[0].first_block is not None:  # batch 1: the fewest ops
+        cpu = q.device.type == "cpu"
+        if B == 1 and (groups[0].first_block is not None or (cpu and k_cache.dtype in self.UPCAST_DTYPES)):
+            # batch 1: the fewest ops (a bf16 cache is gathered, then as in place)
             qs = q.reshape(KVH, G, D) * scale  # a view: [1, H, D] -> [KVH, G, D]
-            if qs.dtype != k_cache.dtype:
-                qs = qs.to(k_cache.dtype)
-            o = self._decode_in_place(qs, k_cache, v_cache, groups[0].first_block, meta.seq_lens_list[0],
-                                      window).view(1, H, D)
+            first, nb = groups[0].first_block, groups[0].nb
+            keys = self._gather("k", k_cache, groups[0].rows, 1, nb)[:, 0] if first is None else None
+            vals = self._gather("v", v_cache, groups[0].rows, 1, nb)[:, 0] if first is None else None
+            o = self._decode_one(qs, k_cache, v_cache, first, meta.seq_lens_list[0], window,
+                                 keys, vals).view(1, H, D)
             return o if o.dtype == q.dtype else o.to(q.dtype)
         qs = (q * scale).view(B, KVH, G, D).transpose(0, 1)  # [KVH, B, G, D]
         if qs.dtype != k_cache.dtype:
             qs = qs.to(k_cache.dtype)
-        cpu = q.device.type == "cpu"
         out = None if len(groups) == 1 else torch.empty_like(q)
         for i, j, nb, first, rows, pad, tables in groups:
             b = j - i
             if first is not None:
-                o = self._decode_in_place(qs[:, i], k_cache, v_cache, first, meta.seq_lens_list[i],
-                                          window)[:, None]
+                o = self._decode_one(qs[:, i], k_cache, v_cache, first, meta.seq_lens_list[i],
+                                     window)[:, None].to(qs.dtype)
             else:
                 if window is not None:
                     pad = self._window_bias(meta, i, j, pad, window)
@@ -246,19 +257,28 @@ class TorchPagedAttention:
         return out
 
     @staticmethod
-    def _decode_in_place(qs, k_cache, v_cache, first, ctx, window):
-        # One sequence whose blocks are consecutive from `first`: its ctx
-        # positions are slots first * bs + [0, ctx) of the cache, so its keys
-        # and values are strided views; nothing is gathered, masked or padded.
-        # qs: [KVH, G, D] (scaled) -> [KVH, G, D].
+    def _decode_one(qs, k_cache, v_cache, first, ctx, window, keys=None, vals=None):
+        # One sequence attended alone, nothing masked or padded. With `first`:
+        # its blocks are consecutive from there, its ctx positions are slots
+        # first * bs + [0, ctx) of the cache, read in place as strided views
+        # (nothing gathered). Otherwise keys/vals are its gathered blocks
+        # [KVH, nb * bs, D]. qs: [KVH, G, D] (scaled) -> [KVH, G, D], float32
+        # when the cache is bfloat16 (UPCAST_DTYPES), else its dtype.
         # Measured on the default model's shapes (KVH 3, G 3, D 64), fp32, one
         # thread: 26-28 vs 54-67 us at 300 cached tokens, 76-103 vs 234-291 us
         # at 1000 (gather keys + masked baddbmm + softmax + embedding_bag).
         KVH, NB, bs, D = k_cache.shape
         lo = max(0, ctx - window) if window is not None else 0  # window: positions (ctx - W, ctx]
-        start = first * bs + lo
-        keys = k_cache.view(KVH, NB * bs, D).narrow(1, start, ctx - lo)  # [KVH, L, D]
-        vals = v_cache.view(KVH, NB * bs, D).narrow(1, start, ctx - lo)
+        start = lo
+        if first is not None:
+            keys, vals = k_cache.view(KVH, NB * bs, D), v_cache.view(KVH, NB * bs, D)
+            start += first * bs
+        keys = keys.narrow(1, start, ctx - lo)  # [KVH, L, D]
+        vals = vals.narrow(1, start, ctx - lo)
+        if keys.dtype in TorchPagedAttention.UPCAST_DTYPES:
+            keys, vals = keys.float(), vals.float()
+        if qs.dtype != keys.dtype:
+            qs = qs.to(keys.dtype)
         p = torch.softmax(torch.bmm(qs, keys.transpose(1, 2)), dim=-1)  # [KVH, G, L]
         return torch.bmm(p, vals)
 
@@ -319,7 +339,7 @@ class TorchPagedAttention:
                                      self._rows(k_cache, meta.block_tables[i, :nb]))
             first, rows = meta.derived[key]
             if first is not None:
-                # Consecutive blocks: read in place (as in _decode_in_place);
+                # Consecutive blocks: read in place (as in _decode_one);
                 # bitwise the same result, 1-7% less time than gathering
                 # (measured: 256 new of 512, 512 of 2048, 100 of 1100 tokens).
                 keys = k_cache[:, first:first + nb].view(KVH, nb * bs, D)
