@@ -69,7 +69,9 @@ def _add_throughput(sub) -> None:
                    help="also time batchlm with this config in the same process on the same "
                         "prompts, and print the ratio: a dtype (float32), a quantization "
                         "(int8, int4_g32; run with dtype auto), optionally +kv_<dtype>; repeatable")
-    p.add_argument("--baseline", choices=["hf"], help="also run transformers generate")
+    p.add_argument("--baseline", choices=["hf", "llamacpp"],
+                   help="also run transformers generate (hf), or llama.cpp on the same GGUF file one "
+                        "prompt at a time (llamacpp; needs llama-cpp-python, not a dependency)")
     p.add_argument("--hf-batch-sizes", type=_int_list, default=[1, 8, 16, 32], metavar="1,8,16,32")
     p.add_argument("--hf-max-prompts", type=int, default=None, metavar="N",
                    help="time transformers on the first N prompts only (whole batches); "
@@ -121,7 +123,7 @@ def _run_throughput(args) -> int:
     from batchlm.bench.throughput import run
 
     if args.skip_batchlm and args.baseline is None:
-        raise SystemExit("bench throughput: --skip-batchlm needs --baseline hf")
+        raise SystemExit("bench throughput: --skip-batchlm needs --baseline hf or llamacpp")
     return run(args)
 
 

@@ -16,22 +16,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from batchlm.bench.report import OutputRates
+
 
 @dataclass(frozen=True)
-class HFRun:
+class HFRun(OutputRates):
     batch_size: int
     wall_s: float
     token_ids: list[list[int]]  # per measured prompt, eos included when hit
     num_prompts: int  # how many prompts were measured (a prefix of the workload)
     num_prompt_tokens: int
-
-    @property
-    def num_output_tokens(self) -> int:
-        return sum(len(t) for t in self.token_ids)
-
-    @property
-    def output_tokens_per_s(self) -> float:
-        return self.num_output_tokens / self.wall_s
 
 
 def load_hf_model(model_dir: str, dtype: str = "float32"):

@@ -14,6 +14,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
+class OutputRates:
+    """For a baseline's run record with `token_ids` (per request) and `wall_s`."""
+
+    token_ids: list[list[int]]
+    wall_s: float
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(len(t) for t in self.token_ids)
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.num_output_tokens / self.wall_s
+
+
 @dataclass(frozen=True)
 class Row:
     name: str

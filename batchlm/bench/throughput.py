@@ -114,6 +114,34 @@ def _hf_rows(args, model_dir, work, flops_of, gflops, batchlm_tokens, dtype: str
     return rows, rows[best], result
 
 
+def _llamacpp_row(args, work, flops_of, gflops, batchlm_tokens, eos: set[int]):
+    import torch
+
+    from batchlm.bench.llamacpp_baseline import available, run_llamacpp
+    from batchlm.models.resolve import gguf_source
+
+    if not available():
+        raise SystemExit("bench throughput: --baseline llamacpp needs llama-cpp-python "
+                         "(pip install llama-cpp-python; it builds llama.cpp from source)")
+    gguf = gguf_source(args.model)
+    if gguf is None:
+        raise SystemExit(f"bench throughput: --baseline llamacpp needs a GGUF model; {args.model!r} is not one")
+    threads = torch.get_num_threads()
+    print(f"[bench] llama.cpp on {gguf.name}, {threads} threads, one prompt at a time ...", flush=True)
+    r = run_llamacpp(str(gguf), work.prompts, work.max_tokens, work.ignore_eos, threads)
+    print(f"[bench]   {r.num_output_tokens} output tokens in {r.wall_s:.1f} s: "
+          f"{r.output_tokens_per_s:.2f} tok/s (decode {r.decode_tokens_per_s:.1f} tok/s)", flush=True)
+    row = Row("llama.cpp batch 1", len(r.token_ids), r.num_prompt_tokens, r.num_output_tokens, r.wall_s,
+              f"{gguf.name} as stored, llama-cpp-python {r.version}",
+              flops_of(r.num_prompt_tokens, r.num_output_tokens) / r.wall_s / 1e9 / gflops)
+    result = {"version": r.version, "gguf": gguf.name, "threads": threads,
+              "decode_tokens_per_s": r.decode_tokens_per_s, "prompt_s": r.prompt_s, "decode_s": r.decode_s}
+    if batchlm_tokens is not None:
+        same, where = compare_outputs(batchlm_tokens, r.token_ids, eos)
+        result.update(identical=same, compared=len(r.token_ids), differ_at=where)
+    return row, result
+
+
 def _torch_dtype(name: str):
     import torch
 
@@ -169,7 +197,11 @@ def run(args) -> int:
     from transformers import AutoConfig, AutoTokenizer
 
     llm = None
-    if args.skip_batchlm:
+    if args.skip_batchlm and args.baseline == "llamacpp":
+        from batchlm.models.resolve import resolve_model
+
+        model_dir = str(resolve_model(args.model, weights=False)[0])  # config + tokenizer of the GGUF
+    elif args.skip_batchlm:
         model_dir = args.model
     else:
         llm = _engine(args, {"dtype": args.dtype, "quantization": args.quantization,
@@ -197,6 +229,12 @@ def run(args) -> int:
             rows.append(row)
             summary.setdefault("compare", {})[spec] = rows[0].output_tokens_per_s / row.output_tokens_per_s
             del other
+    if args.baseline == "llamacpp":
+        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        row, summary["llamacpp"] = _llamacpp_row(args, work, flops_of, gflops, batchlm_tokens, eos)
+        rows.append(row)
+        if ran_batchlm:
+            summary["ratio_llamacpp_output_tokens_per_s"] = rows[0].output_tokens_per_s / row.output_tokens_per_s
     if args.baseline == "hf":
         hf_rows, best, hf_summary = _hf_rows(args, model_dir, work, flops_of, gflops, batchlm_tokens,
                                             str(run_dtype).removeprefix("torch."))
@@ -221,6 +259,15 @@ def run(args) -> int:
     if "ratio_output_tokens_per_s" in summary:
         print(f"\nbatchlm / best transformers ({best.name}) output tokens/s: "
               f"{summary['ratio_output_tokens_per_s']:.2f}x")
+    lc = summary.get("llamacpp")
+    if lc:
+        print(f"\nllama.cpp {lc['version']} batch-1 decode: {lc['decode_tokens_per_s']:.1f} tok/s "
+              f"({lc['threads']} threads, {lc['gguf']})")
+        if "ratio_llamacpp_output_tokens_per_s" in summary:
+            print(f"batchlm / llama.cpp output tokens/s (same prompts): "
+                  f"{summary['ratio_llamacpp_output_tokens_per_s']:.2f}x")
+        if "identical" in lc:
+            print(f"token-identical outputs, batchlm vs llama.cpp: {lc['identical']}/{lc['compared']}")
     hf = summary.get("hf", {})
     if "identical" in hf:
         print(f"token-identical outputs, batchlm vs hf bs={hf['compared_batch_size']}: "
