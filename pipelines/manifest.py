@@ -3,6 +3,8 @@
 Layout of an output root
 ------------------------
     part-000000.parquet ...   one shard per work unit, committed atomically
+                              (part-000000.jsonl for output.format openai_batch)
+    _record-000000.json ...   a JSON Lines shard's own record, written just before it
     _manifest.json            config hash + result-changing fields, the plan's
                               fingerprint, each input file's identity, one
                               record per committed unit (with the shard's
@@ -18,6 +20,10 @@ Contract
   whole or not at all (Store.write_atomic) and each carries its own record in
   the Parquet footer (key `batchlm`: rows, errors, tokens, the config hash,
   the plan fingerprint and its input file's identity), so the manifest can always be rebuilt from shards.
+  A JSON Lines shard (openai_batch) cannot hold a record without breaking its
+  format: its record, with the shard's size and sha256, is `_record-NNNNNN.json`,
+  written atomically before the shard (`write_shard`); a shard is trusted only
+  with a record that matches it, and a record without its shard means nothing.
 - `UnitRecord` is what the manifest keeps of a unit; `ShardFooter` what the
   shard keeps of itself. A file's own size and checksum cannot be inside the
   file, so they live in the manifest only, taken when the shard is written.
@@ -28,23 +34,37 @@ It does not decide what a resume accepts: see output.py.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 
+from batchlm.pipelines.errors import ConfigError
+
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 FOOTER_KEY = b"batchlm"
-_SHARD = re.compile(r"part-(\d{6})\.parquet$")
+SHARD_SUFFIX = {"parquet": ".parquet", "openai_batch": ".jsonl"}  # output format -> shard file suffix
+_SHARD = re.compile(r"part-(\d{6})\.(?:parquet|jsonl)$")
+_RECORD = re.compile(r"_record-\d{6}\.json$")
 
 
 class ManifestDamaged(Exception):
     """_manifest.json exists but is not a manifest this version can read."""
 
 
-def shard_name(unit: int) -> str:
-    return f"part-{unit:06d}.parquet"
+def shard_name(unit: int, fmt: str = "parquet") -> str:
+    return f"part-{unit:06d}{SHARD_SUFFIX[fmt]}"
+
+
+def record_name(unit: int) -> str:
+    """A JSON Lines shard's own record (a Parquet shard keeps it in its footer)."""
+    return f"_record-{unit:06d}.json"
+
+
+def is_record(name: str) -> bool:
+    return _RECORD.match(name) is not None
 
 
 def shard_unit(name: str) -> int | None:
@@ -88,7 +108,10 @@ class ShardFooter:
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> "ShardFooter":
-        d = json.loads(raw)
+        return cls.from_dict(json.loads(raw))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ShardFooter":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -148,12 +171,61 @@ def read_manifest(store, names=None) -> Manifest | None:
 
 
 def read_footer(store, name: str) -> ShardFooter:
-    """The shard's own record; raises ValueError when the file is not a whole batchlm shard."""
+    """The shard's own record; raises ValueError when the file is not a whole batchlm shard.
+
+    A Parquet shard: its footer. A JSON Lines shard: its record file, checked
+    against the shard's bytes (size, sha256, line count)."""
     try:
+        if name.endswith(SHARD_SUFFIX["openai_batch"]):
+            return shard_footer(store, name, store.read(name))
         with store.open(name) as f:
             return footer_of(f)
-    except OSError as e:
+    except (OSError, ConfigError) as e:
         raise ValueError(f"{type(e).__name__}: {e}") from None
+
+
+def shard_footer(store, name: str, data: bytes) -> ShardFooter:
+    """The record of a shard whose whole bytes are `data`, after checking they all decode
+    (Parquet) or match the record taken when it was written (JSON Lines); ValueError if not."""
+    import io
+
+    if not name.endswith(SHARD_SUFFIX["openai_batch"]):
+        import pyarrow.parquet as pq
+
+        footer = footer_of(io.BytesIO(data))
+        pq.read_table(io.BytesIO(data))  # the whole file must decode, not just its footer (raises as pyarrow does)
+        return footer
+    try:
+        rec = json.loads(store.read(record_name(shard_unit(name))))
+        footer = ShardFooter.from_dict(rec["footer"])
+        size, digest = int(rec["size"]), str(rec["sha256"])
+    except (ConfigError, ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"no readable record {record_name(shard_unit(name))} ({type(e).__name__}: {e})") from None
+    if len(data) != size:
+        raise ValueError(f"{len(data)} bytes, its record says {size}")
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ValueError("its sha256 differs from its record's")
+    lines = data.count(b"\n")
+    if lines != footer.rows:
+        raise ValueError(f"{lines} lines, its record says {footer.rows}")
+    return footer
+
+
+def encode_jsonl_shard(lines: list[str]) -> bytes:
+    """JSON Lines bytes of one shard: one line each, each ending in \\n (lines hold no raw newline)."""
+    return "".join(line + "\n" for line in lines).encode()
+
+
+def write_shard(store, unit: int, fmt: str, data: bytes, footer: ShardFooter):
+    """Commits one unit's shard bytes atomically; returns storage.Written.
+
+    JSON Lines: the record first (with the shard's size and sha256), then the
+    shard, so a shard that exists always has its record."""
+    name = shard_name(unit, fmt)
+    if fmt != "parquet":
+        rec = {"footer": asdict(footer), "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        store.write_atomic(record_name(unit), json.dumps(rec).encode())
+    return store.write_atomic(name, data)
 
 
 def footer_of(f) -> ShardFooter:

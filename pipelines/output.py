@@ -19,6 +19,8 @@ Contract
      mtime/ETag, Parquet footer), is refused with the list of what differs;
   5. every shard is checked cheaply: its size and ETag (one listing) against
      the record taken when it was written and, on local disk, its footer. A
+     JSON Lines shard (openai_batch) is checked against its `_record-NNNNNN.json`
+     (size and sha256: on local disk the whole shard is hashed). A
      damaged shard is moved to `_damaged/` (never deleted), named in the
      notes, and its unit is redone; a shard missing from the manifest is
      adopted from its footer; a recorded unit whose shard is gone is dropped;
@@ -33,8 +35,8 @@ from dataclasses import dataclass, field
 from batchlm.pipelines.config import config_hash, diff_fields
 from batchlm.pipelines.errors import ConfigError
 from batchlm.pipelines.lease import LEASE
-from batchlm.pipelines.manifest import (MANIFEST, SUCCESS, Manifest, ManifestDamaged, UnitRecord, footer_of,
-                                        read_footer, read_manifest, shard_unit)
+from batchlm.pipelines.manifest import (MANIFEST, SUCCESS, Manifest, ManifestDamaged, UnitRecord, is_record,
+                                        read_footer, read_manifest, shard_footer, shard_unit)
 from batchlm.pipelines.storage import DAMAGED_DIR, TMP_PREFIX, Entry, Written, glob_root, normalize_path
 
 
@@ -47,6 +49,7 @@ class Expected:
     total_rows: int
     inputs: dict[str, dict]  # input file name -> identity
     unit_inputs: tuple[str, ...] = ()  # unit index -> its input file name
+    shard_format: str = "parquet"  # output.format: parquet, or openai_batch (JSON Lines shards)
 
     @property
     def config_hash(self) -> str:
@@ -64,7 +67,7 @@ class Opened:
 
 def is_ours(name: str) -> bool:
     return (name in (MANIFEST, SUCCESS, LEASE, DAMAGED_DIR) or name.startswith(TMP_PREFIX)
-            or shard_unit(name) is not None)
+            or shard_unit(name) is not None or is_record(name))
 
 
 def _contains(outer: str, inner: str) -> bool:
@@ -106,7 +109,7 @@ def _is_batchlm_shard(store, name: str) -> bool:
 
 def _discard(store, entries: dict[str, Entry]) -> None:
     for name in entries:
-        if name in (MANIFEST, SUCCESS) or shard_unit(name) is not None:
+        if name in (MANIFEST, SUCCESS) or shard_unit(name) is not None or is_record(name):
             store.delete(name)
 
 
@@ -172,14 +175,10 @@ _FOREIGN = "written by a different config or input plan"
 def _adopt(store, name: str, entry: Entry, unit: int, expected: Expected) -> tuple[UnitRecord | None, str | None]:
     """(record, None) for an intact shard of this job that the manifest lacks, or (None, why not)."""
     import hashlib
-    import io
-
-    import pyarrow.parquet as pq
 
     try:
         data = store.read(name)
-        footer = footer_of(io.BytesIO(data))
-        pq.read_table(io.BytesIO(data))  # the whole file must decode, not just its footer
+        footer = shard_footer(store, name, data)  # the whole file must decode, not just its footer
     except Exception as e:  # any failure to read it back makes it damaged
         return None, f"unreadable ({type(e).__name__}: {e})"
     if footer.config_hash != expected.config_hash or footer.plan != expected.plan:
