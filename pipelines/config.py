@@ -15,6 +15,11 @@ Contract
 - The `model` and `sampling` sections are generated from the engine's own
   dataclasses (EngineConfig, SamplingParams), so every engine option and every
   sampling field is accepted by name and checked by the engine's own rules.
+- Formats: `input.format: openai_batch` (OpenAI Batch API request files)
+  needs no `task` (its requests are the task) and writes `output.format:
+  openai_batch` (the default for it); the keys that do not apply to it
+  (`task`, `sampling`, `output.carry`, ...) and an openai_batch output of
+  another input are refused, naming the key (`_check_formats`, the one place).
 - `result_fields(cfg)` is the part of the config that changes results; its
   hash is stored in the output manifest so a resume with another config is
   refused.
@@ -46,7 +51,7 @@ class _Section(BaseModel):
 
 
 class InputConfig(_Section):
-    format: Literal["parquet", "huggingface", "jsonl"]
+    format: Literal["parquet", "huggingface", "jsonl", "openai_batch"]  # openai_batch: OpenAI Batch API requests
     path: str
     split: str | None = None  # huggingface: which split (default: train, or the only one)
     columns: list[str] | None = None  # read only these (default: all)
@@ -151,6 +156,7 @@ class ResourcesConfig(_Section):
 
 
 class OutputConfig(_Section):
+    format: Literal["parquet", "openai_batch"] | None = None  # None: openai_batch for that input, else parquet
     path: str
     rows_per_shard: int = Field(1000, ge=1)  # the unit of work, commit and resume
     compression: Literal["zstd", "snappy", "gzip", "lz4", "brotli", "none"] = "zstd"
@@ -161,7 +167,7 @@ class OutputConfig(_Section):
 
 class JobConfig(_Section):
     input: InputConfig
-    task: TaskConfig
+    task: TaskConfig | None  # required, except with an openai_batch input (its requests are the task)
     model: ModelConfig = ModelConfig()
     sampling: SamplingConfig = SamplingConfig()
     resources: ResourcesConfig = ResourcesConfig()
@@ -171,6 +177,54 @@ class JobConfig(_Section):
     @classmethod
     def _model_shorthand(cls, v):
         return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_task_for_openai_batch(cls, data):
+        inp = data.get("input") if isinstance(data, dict) else None
+        if isinstance(inp, dict) and inp.get("format") == "openai_batch" and "task" not in data:
+            return {**data, "task": None}
+        return data
+
+    @model_validator(mode="after")
+    def _format_rules(self):
+        _check_formats(self)
+        return self
+
+    @property
+    def output_format(self) -> str:
+        """The output's format: `output.format`, by default openai_batch for an openai_batch input."""
+        return self.output.format or ("openai_batch" if self.input.format == "openai_batch" else "parquet")
+
+
+def _check_formats(cfg: JobConfig) -> None:
+    """Which sections and keys go with which input and output formats (one place for these rules)."""
+    batch_in, batch_out = cfg.input.format == "openai_batch", cfg.output_format == "openai_batch"
+    if not batch_in:
+        if batch_out:
+            raise ValueError(f"output.format: openai_batch output answers OpenAI Batch requests; it needs "
+                             f"input.format: openai_batch (this input is {cfg.input.format}); use output.format: "
+                             "parquet")
+        if cfg.task is None:
+            raise ValueError("task: required key is missing (only an openai_batch input needs no task)")
+        return
+    if not batch_out:
+        raise ValueError("output.format: an openai_batch input writes openai_batch output (one response line "
+                         "per request); drop output.format or set it to openai_batch")
+    refused = [
+        ("task", cfg.task is not None, "each request's body is its own task (messages or prompt); remove the "
+                                       "task section"),
+        ("sampling", "sampling" in cfg.model_fields_set, "each request's body holds its own sampling fields; "
+                                                         "remove the sampling section"),
+        ("input.id_column", cfg.input.id_column is not None, "each request's custom_id is its id"),
+        ("input.columns", cfg.input.columns is not None, "a request line is read whole"),
+        ("output.carry", bool(cfg.output.carry), "an output line holds only the Batch API's fields"),
+        ("output.compression", "compression" in cfg.output.model_fields_set,
+         "openai_batch shards are plain JSON Lines"),
+    ]
+    for key, bad, why in refused:
+        if bad:
+            raise ValueError(f"{key}: not used with input.format openai_batch: {why}")
 
 
 # Engine options that change speed or memory, never the text produced.
@@ -185,12 +239,15 @@ def result_fields(cfg: JobConfig) -> dict[str, Any]:
     """The config fields that change what the output holds (secrets excluded)."""
     inp = cfg.input.model_dump(exclude={"storage_options"})
     model = {k: v for k, v in cfg.model.model_dump().items() if k not in _PERF_ONLY_MODEL_FIELDS}
+    out = {"carry": list(cfg.output.carry), "rows_per_shard": cfg.output.rows_per_shard}
+    if cfg.output_format != "parquet":  # NOTE: absent for parquet, so older outputs keep their hash
+        out["format"] = cfg.output_format
     return {
         "input": inp,
-        "task": cfg.task.model_dump(),
+        "task": cfg.task.model_dump() if cfg.task is not None else None,
         "model": model,
         "sampling": cfg.sampling.model_dump(),
-        "output": {"carry": list(cfg.output.carry), "rows_per_shard": cfg.output.rows_per_shard},
+        "output": out,
     }
 
 
@@ -329,7 +386,7 @@ def _format_error(err: dict) -> str:
     if err["type"] == "missing":
         return f"{path}: required key is missing"
     msg = err["msg"].removeprefix("Value error, ")
-    if msg.startswith(path.split(".")[0] + "."):
+    if not loc or msg.startswith(path.split(".")[0] + "."):  # a whole-config rule names its own key
         return msg
     return f"{path}: {msg}"
 

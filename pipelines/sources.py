@@ -31,6 +31,8 @@ Contract
   values that are not strings are kept as read (the prompt stage decides what
   it accepts). If the unit's bytes no longer hold its rows (the file changed
   after planning), ConfigError.
+- `openai_batch` input (OpenAI Batch API request files) is planned and read
+  exactly as JSON Lines; openai_requests.py decides what each line asks.
 - JSON Lines has one line rule, used by planning and reading alike (jsonl.py):
   a line ends at \\n (a \\r just before it belongs to the ending); a line of
   whitespace alone is skipped; a bare \\r anywhere else is JSON whitespace
@@ -56,7 +58,7 @@ from batchlm.pipelines.ids import check_unique_ids, id_text, id_texts
 from batchlm.pipelines.jsonl import lines, parse_row, refuse_cr_separated
 from batchlm.pipelines.storage import glob_root, make_fs, store_errors
 
-_SUFFIXES = {"parquet": (".parquet",), "jsonl": (".jsonl", ".json", ".ndjson")}
+_SUFFIXES = {"parquet": (".parquet",), "jsonl": (".jsonl", ".json", ".ndjson"), "openai_batch": (".jsonl",)}
 
 
 @dataclass(frozen=True)

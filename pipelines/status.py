@@ -60,7 +60,7 @@ def status(path: str, storage_options: dict | None = None) -> tuple[str, bool]:
         f"errors      {t.errors}",
         f"tokens      {t.input_tokens} prompt, {t.output_tokens} output",
         f"config      {m.config_hash} (model {m.result_config.get('model', {}).get('name')}, "
-        f"task {m.result_config.get('task', {}).get('type')})",
+        f"task {(m.result_config.get('task') or {}).get('type') or m.result_config.get('input', {}).get('format')})",
         f"runs        {len(m.runs)}; last started {_when(last.get('started'))}, "
         f"finished {_when(last.get('finished'))}",
         f"updated     {_when(m.updated)}",
