@@ -36,12 +36,13 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from batchlm.pipelines.config import JobConfig, result_fields
 from batchlm.pipelines.errors import ConfigError, RowFailed
 from batchlm.pipelines.lease import Lease
-from batchlm.pipelines.manifest import SUCCESS, Manifest, ShardFooter, UnitRecord, encode_shard, shard_name
+from batchlm.pipelines.manifest import (SUCCESS, Manifest, ShardFooter, UnitRecord, encode_jsonl_shard, encode_shard,
+                                        write_shard)
 from batchlm.pipelines.output import Expected, check_location, open_output
 from batchlm.pipelines.progress import Progress, summary
 from batchlm.pipelines.sources import InputPlan, Unit, plan_input, read_unit
@@ -143,7 +144,8 @@ def check_resources(cfg: JobConfig) -> None:
                               f"{have:g}{hint}")
 
 
-def build_dataset(cfg: JobConfig, todo: list[Unit], carry: list[str], trace_path: str | None):
+def build_dataset(cfg: JobConfig, todo: list[Unit], carry: list[str], trace_path: str | None,
+                  duplicates: dict[str, str] | None = None):
     import ray
     import ray.data
 
@@ -158,20 +160,31 @@ def build_dataset(cfg: JobConfig, todo: list[Unit], carry: list[str], trace_path
     # NOTE: read+render asks for no CPU slot, so it can never wait behind engine
     # actors that take every CPU (a 2-core laptop with cpus_per_replica: 2);
     # two such tasks at a time keep the engine fed without reading ahead of it.
+    read = dict(batch_size=1, batch_format="pyarrow", num_cpus=0,
+                compute=ray.data.TaskPoolStrategy(size=min(2, len(todo))))
+    engine = dict(batch_size=res.batch_size, batch_format="pyarrow",
+                  compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+                  num_gpus=res.gpus_per_replica or None, num_cpus=res.cpus_per_replica)
+    threads = max(1, int(res.cpus_per_replica)) if not res.gpus_per_replica else None
+    if cfg.input.format == "openai_batch":
+        from batchlm.pipelines.openai_requests import read_requests
+        from batchlm.pipelines.openai_responses import BatchEngineStage
+
+        ds = ds.map_batches(read_requests, **read, fn_kwargs=dict(
+            input_cfg=cfg.input, duplicates=duplicates or {}, default_model=cfg.model.name,
+            id_name=id_column_name(cfg)))
+        return ds.map_batches(BatchEngineStage, **engine, fn_constructor_kwargs=dict(
+            engine_kwargs=cfg.model.engine_kwargs(), threads=threads, trace_path=trace_path))
     ds = ds.map_batches(
-        read_render, batch_size=1, batch_format="pyarrow", num_cpus=0,
-        compute=ray.data.TaskPoolStrategy(size=min(2, len(todo))),
+        read_render, **read,
         fn_kwargs=dict(input_cfg=cfg.input, task_cfg=cfg.task, id_name=id_column_name(cfg), carry=carry))
     return ds.map_batches(
-        EngineStage, batch_size=res.batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-        num_gpus=res.gpus_per_replica or None, num_cpus=res.cpus_per_replica,
+        EngineStage, **engine,
         fn_constructor_kwargs=dict(
             engine_kwargs=cfg.model.engine_kwargs(), params=cfg.sampling.params(), task_type=cfg.task.type,
             labels=[lb.name for lb in cfg.task.labels or []], chat_template=cfg.task.chat_template,
             on_long_prompt=cfg.task.on_long_prompt,
-            threads=max(1, int(res.cpus_per_replica)) if not res.gpus_per_replica else None,
-            trace_path=trace_path))
+            threads=threads, trace_path=trace_path))
 
 
 class _UnitBuffer:
@@ -217,6 +230,7 @@ class PreparedJob:
     plan: InputPlan
     carry: list[str]
     expected: Expected
+    duplicates: dict[str, str] = field(default_factory=dict)  # openai_batch: line -> earlier line, same custom_id
 
 
 def check_model(cfg: JobConfig) -> None:
@@ -233,11 +247,16 @@ def check_model(cfg: JobConfig) -> None:
 
 def prepare(cfg: JobConfig) -> PreparedJob:
     plan = plan_input(cfg.input, cfg.output.rows_per_shard)
-    carry = check_columns(cfg, read_unit(cfg.input, plan.units[0]))
+    if cfg.input.format == "openai_batch":  # the requests are the task: no prompt columns to check
+        from batchlm.pipelines.openai_requests import find_duplicates
+
+        carry, duplicates = [], find_duplicates(cfg.input, plan.units)
+    else:
+        carry, duplicates = check_columns(cfg, read_unit(cfg.input, plan.units[0])), {}
     check_model(cfg)
     expected = Expected(result_fields(cfg), plan_fingerprint(plan.units), len(plan.units), plan.total_rows,
-                        dict(plan.files), tuple(u.name for u in plan.units))
-    return PreparedJob(plan, carry, expected)
+                        dict(plan.files), tuple(u.name for u in plan.units), cfg.output_format)
+    return PreparedJob(plan, carry, expected, duplicates)
 
 
 class Committer:
@@ -259,7 +278,14 @@ class Committer:
                              input_tokens=total("num_input_tokens"), output_tokens=total("num_output_tokens"),
                              config_hash=self.expected.config_hash, plan=self.expected.plan,
                              source=self.expected.source(unit))
-        written = self.store.write_atomic(shard_name(unit), encode_shard(table, footer, self.compression))
+        fmt = self.expected.shard_format
+        if fmt == "parquet":
+            data = encode_shard(table, footer, self.compression)
+        else:
+            from batchlm.pipelines.openai_responses import LINE_COLUMN
+
+            data = encode_jsonl_shard(table[LINE_COLUMN].to_pylist())
+        written = write_shard(self.store, unit, fmt, data, footer)
         rec = footer.record(written)
         self.manifest.units[unit] = rec
         self.manifest.save(self.store)
@@ -274,7 +300,7 @@ def _stream(cfg: JobConfig, job: PreparedJob, todo: list[Unit], committer: Commi
     started_ray = init_ray(cfg)
     try:
         check_resources(cfg)
-        ds = build_dataset(cfg, todo, job.carry, os.environ.get("BATCHLM_UNIT_TRACE"))
+        ds = build_dataset(cfg, todo, job.carry, os.environ.get("BATCHLM_UNIT_TRACE"), job.duplicates)
         buffer = _UnitBuffer({u.index: u.num_rows for u in todo})
         batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
         try:

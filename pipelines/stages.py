@@ -111,14 +111,7 @@ class EngineStage:
         self.trace_path = trace_path
 
     def _trace(self, units) -> None:
-        if not self.trace_path:
-            return
-        counts: dict[int, int] = {}
-        for u in units:
-            counts[u] = counts.get(u, 0) + 1
-        with open(self.trace_path, "a") as f:  # O_APPEND: whole lines from concurrent actors
-            for u, n in sorted(counts.items()):
-                f.write(json.dumps({"unit": u, "rows": n, "pid": os.getpid(), "t": time.time()}) + "\n")
+        trace_units(self.trace_path, units)
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -190,3 +183,15 @@ def _output_schema(task_type: str, labels: list[str] | None):
         fields += [pa.field("label", pa.string()),
                    pa.field("label_probs", pa.struct([pa.field(lb, pa.float64()) for lb in labels]))]
     return pa.schema(fields + [pa.field("error", pa.string())])
+
+
+def trace_units(trace_path: str | None, units) -> None:
+    """BATCHLM_UNIT_TRACE: one JSON line per (unit, rows) an engine call generates (a debugging aid)."""
+    if not trace_path:
+        return
+    counts: dict[int, int] = {}
+    for u in units:
+        counts[u] = counts.get(u, 0) + 1
+    with open(trace_path, "a") as f:  # O_APPEND: whole lines from concurrent actors
+        for u, n in sorted(counts.items()):
+            f.write(json.dumps({"unit": u, "rows": n, "pid": os.getpid(), "t": time.time()}) + "\n")

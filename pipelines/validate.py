@@ -45,6 +45,10 @@ def _sample_rows(cfg, units, n: int) -> list[dict]:
 
 
 def validate(cfg, sample: int = 200, estimate: bool = True) -> str:
+    if cfg.input.format == "openai_batch":  # its requests carry their own prompts and sampling
+        from batchlm.pipelines.openai_requests import validate_requests
+
+        return validate_requests(cfg, sample)
     units = plan_units(cfg.input, cfg.output.rows_per_shard)
     total = sum(u.num_rows for u in units)
     rows = _sample_rows(cfg, units, max(1, sample))
