@@ -271,3 +271,44 @@ def _damage_is_found_and_the_manifest_rebuilt(cfg: str, out: Path) -> None:
     assert "part-000002.jsonl is damaged: unreadable" in notes and "sha256" in notes, notes
     assert sorted(opened.manifest.units) == [u for u in range(total) if u not in (1, 2)]
     assert not (out / "_SUCCESS").exists() and len(list((out / "_damaged").iterdir())) == 2
+
+
+def test_engine_stage_answers_token_prompts_and_names_what_it_cannot_run(tmp_path, tiny_model):
+    """The engine stage in process (no Ray): token-id prompts, per-request params, and the
+    prompts only the model can judge (ids outside its vocabulary, no chat template)."""
+    import shutil
+
+    import pyarrow as pa
+
+    from batchlm.pipelines.openai_requests import REQUEST_COLUMN
+    from batchlm.pipelines.openai_responses import LINE_COLUMN, BatchEngineStage
+
+    def stage(model_dir: str, *objs: dict):
+        reqs = [parse_request(_row(o, f"r.jsonl#{i}"), None, "m") for i, o in enumerate(objs)]
+        batch = pa.table({"__unit": [0] * len(reqs), "__row": list(range(len(reqs))),
+                          "id": [r.custom_id for r in reqs], REQUEST_COLUMN: [r.to_json() for r in reqs]})
+        engine = {"model": model_dir, "max_model_len": 256, "kv_cache_memory": 1 << 24}
+        out = BatchEngineStage(engine, threads=1)(batch)
+        assert out.column_names == ["__unit", "__row", "id", "line", "error", "num_input_tokens",
+                                    "num_output_tokens"]
+        return [json.loads(x) for x in out[LINE_COLUMN].to_pylist()], out
+
+    ok, out = stage(tiny_model, _completion("ids", [72, 105], max_tokens=3, temperature=0, logprobs=1),
+                    _completion("oov", [72, 9999]), _chat("c", "hi", max_tokens=2, n=3, temperature=1.0, seed=5))
+    first = Completion.model_validate(ok[0]["response"]["body"])
+    assert first.usage.prompt_tokens == 2 and first.usage.completion_tokens == len(first.choices[0].logprobs.tokens)
+    assert all(len(top) <= 2 for top in first.choices[0].logprobs.top_logprobs)  # the token and the top 1
+    assert ok[1]["error"]["code"] == "invalid_prompt" and "9999" in ok[1]["error"]["message"]
+    chat = ChatCompletion.model_validate(ok[2]["response"]["body"])
+    assert [c.index for c in chat.choices] == [0, 1, 2] and chat.usage.completion_tokens <= 6
+    assert out["error"].to_pylist()[1] == ok[1]["error"]["message"] and out["num_output_tokens"][1].as_py() == 0
+
+    plain = tmp_path / "no-template"
+    shutil.copytree(tiny_model, plain)
+    cfg = json.loads((plain / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(cfg))
+    for f in plain.glob("chat_template.*"):
+        f.unlink()
+    lines, _ = stage(str(plain), _chat("c", "hi"))
+    assert lines[0]["error"]["code"] == "invalid_prompt" and "no chat template" in lines[0]["error"]["message"]
