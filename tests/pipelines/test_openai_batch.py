@@ -19,8 +19,9 @@ from batchlm.pipelines.config import parse_config, result_fields
 from batchlm.pipelines.errors import ConfigError
 from batchlm.pipelines.openai_requests import CHAT_URL, COMPLETIONS_URL, parse_request
 
-from .helpers import CLI, write_yaml
+from .helpers import CLI, cli, write_yaml
 from .procs import kill_driver, start_driver
+from .test_s3 import s3  # noqa: F401  (the moto S3 fixture)
 
 MODEL = "gpt-4o-mini"  # what the user's file names: echoed, never looked up
 
@@ -312,3 +313,37 @@ def test_engine_stage_answers_token_prompts_and_names_what_it_cannot_run(tmp_pat
         f.unlink()
     lines, _ = stage(str(plain), _chat("c", "hi"))
     assert lines[0]["error"]["code"] == "invalid_prompt" and "no chat template" in lines[0]["error"]["message"]
+
+
+@pytest.mark.ray_cluster
+def test_s3_in_and_out_and_a_replaced_shard_is_redone(tmp_path, tiny_model, s3):
+    """On S3 (moto on 127.0.0.1): the records and shards are single PUTs; a shard replaced
+    after its commit is caught by its ETag, moved aside and generated again."""
+    fs, opts = s3
+    lines = _requests()[0][:12]
+    (tmp_path / "requests.jsonl").write_text("\n".join(lines) + "\n")
+    fs.put(str(tmp_path / "requests.jsonl"), "batchlm-in/req/requests.jsonl")
+    job = _job(tiny_model, "s3://batchlm-in/req/requests.jsonl", "s3://batchlm-out/ob", storage_options=opts)
+    job["input"]["storage_options"] = opts
+    cfg = write_yaml(tmp_path / "job.yaml", job)
+    p = cli("run", cfg)
+    assert p.returncode == 0, p.stderr[-3000:]
+    names = sorted(x.rsplit("/", 1)[-1] for x in fs.ls("batchlm-out/ob", refresh=True))
+    assert names == ["_SUCCESS", "_manifest.json", *[f"_record-{u:06d}.json" for u in range(3)],
+                     *[f"part-{u:06d}.jsonl" for u in range(3)]]
+    got = [json.loads(x) for u in range(3) for x in fs.cat(f"batchlm-out/ob/part-{u:06d}.jsonl").splitlines()]
+    assert len(got) == 12 and len({g["id"] for g in got}) == 12
+    for g in got:
+        _check_line(g)
+
+    data = bytearray(fs.cat("batchlm-out/ob/part-000001.jsonl"))
+    data[5] ^= 1
+    fs.pipe("batchlm-out/ob/part-000001.jsonl", bytes(data))
+    endpoint = ["--storage-option", f"endpoint_url={opts['endpoint_url']}"]
+    st = cli("status", "s3://batchlm-out/ob", *endpoint)
+    assert "damaged     part-000001.jsonl: ETag" in st.stdout, st.stdout + st.stderr
+    p = cli("run", cfg)
+    assert p.returncode == 0 and "part-000001.jsonl is damaged" in p.stderr, p.stderr[-3000:]
+    redone = [json.loads(x) for x in fs.cat("batchlm-out/ob/part-000001.jsonl").splitlines()]
+    assert [g["id"] for g in redone] == [g["id"] for g in got[4:8]]
+    assert "complete" in cli("status", "s3://batchlm-out/ob", *endpoint).stdout
