@@ -14,7 +14,9 @@ Contract
 2. Only uncommitted units go through Ray Data: `from_items(units)` ->
    `read_render` tasks -> `EngineStage` actor pool (one engine per actor,
    `resources.batch_size` rows per engine call, GPUs when asked; a cluster
-   without them fails at once with a ConfigError).
+   without them fails at once with a ConfigError). An openai_batch input
+   goes through `read_requests` tasks -> `BatchEngineStage` instead, with
+   the custom_ids used twice found once over the whole plan (`prepare`).
 3. The driver alone writes: it groups result rows by unit and, when a unit
    is complete, commits its shard atomically, then the manifest (Committer).
    `_SUCCESS` is written when every unit is committed and not every row
