@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchlm.quantization.config import parse_quantization
+from batchlm.speculative.config import parse_speculative_config
 
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8")
 
@@ -33,6 +34,10 @@ class EngineConfig:
     # torch.compile the model's layers (attention stays eager): fused norms,
     # rotary and activations; costs ~10 s of compiling when the engine starts.
     compile_model: bool = False
+    # None, or {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": a,
+    # "prompt_lookup_max": b} / {"method": "draft", "model": ..., "num_speculative_tokens": k}
+    # (batchlm/speculative/config.py).
+    speculative_config: dict[str, Any] | None = None
 
     def __post_init__(self):
         def bad(name, allowed):
@@ -55,3 +60,4 @@ class EngineConfig:
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             bad("gpu_memory_utilization", "in (0, 1]")
         parse_quantization(self.quantization)  # raises ValueError naming the field
+        parse_speculative_config(self.speculative_config)  # likewise

@@ -202,3 +202,21 @@ def test_empty_config_names_the_missing_sections(tmp_path):
     path.write_text("")
     msg = _load_err(str(path))
     assert all(f"{s}: required key is missing" in msg for s in ("input", "task", "output")), msg
+
+
+def test_speculative_config_in_yaml(tmp_path):
+    spec = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 3}
+    cfg = parse_config(tiny_job("m", "o", model={"speculative_config": spec}))
+    assert cfg.model.engine_kwargs()["speculative_config"] == spec
+    assert parse_config(tiny_job("m", "o")).model.engine_kwargs()["speculative_config"] is None
+    msg = _err(tmp_path, tiny_job("m", "o", model={"speculative_config": {"method": "ngram",
+                                                                          "num_speculative_tokens": 0}}))
+    assert "model.speculative_config.num_speculative_tokens: must be an integer in [1, 16], got 0" in msg
+    msg = _err(tmp_path, tiny_job("m", "o", model={"speculative_config": {"method": "ngram",
+                                                                          "num_speculative_tokens": 2,
+                                                                          "lookahead": 1}}))
+    assert "model.speculative_config: has unknown key(s) lookahead" in msg
+    # sampled outputs depend on it: a change is a result change
+    a = result_fields(parse_config(tiny_job("m", "o")))
+    b = result_fields(parse_config(tiny_job("m", "o", model={"speculative_config": spec})))
+    assert any("model.speculative_config" in line for line in diff_fields(a, b))
