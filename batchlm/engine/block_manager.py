@@ -12,6 +12,9 @@ NOTE (invariants):
   (the free list is an LRU), and a block loses its hash only when reused.
 - A sequence's blocks are freed tail first, so the tail of a prefix is evicted
   before its head.
+- A block is published (gets a hash) only once every token in it is computed
+  and final: the slots of speculative tokens that were then rejected are
+  never published (`trim` gives their blocks back).
 """
 from __future__ import annotations
 
@@ -110,6 +113,18 @@ class BlockManager:
             if blk.ref_count == 0:
                 self._free[bid] = None
         seq.block_table = []
+
+    def trim(self, seq, num_tokens: int) -> None:
+        """Give back `seq`'s trailing blocks beyond those `num_tokens` tokens
+        need (the slots of rejected speculative tokens), tail first. Those
+        blocks were never published to the prefix cache (only blocks full of
+        computed tokens are, see cache_full_blocks)."""
+        keep = self.blocks_needed(num_tokens)
+        while len(seq.block_table) > keep:
+            blk = self.blocks[seq.block_table.pop()]
+            blk.ref_count -= 1
+            if blk.ref_count == 0:
+                self._free[blk.block_id] = None
 
     def cache_full_blocks(self, seq, num_computed: int) -> None:
         """Register the hashes of `seq`'s blocks that are full and computed."""

@@ -6,6 +6,12 @@ postprocess (sample, append, stop, free). Streaming consumers (the pipeline)
 drive it through add_request / step / has_unfinished_requests /
 abort_request; `batchlm.LLM` wraps it for whole batches.
 
+With `speculative_config`, a step first gives every running decode its
+proposals (seq.spec_token_ids); the scheduler runs them with its last token,
+the LogitsPlan gives that sequence one row per position, and `_sample` keeps
+the accepted prefix plus one token (greedy: equal to the argmax; sampling:
+rejection sampling in the sampler), then `Scheduler.accept_speculation`.
+
 Bad requests never raise out of `step`: a request that cannot run (empty
 prompt, prompt longer than max_model_len, larger than the whole KV cache)
 comes back finished with `error` set, and the rest of the batch goes on.
@@ -19,6 +25,7 @@ import torch
 from batchlm.config import EngineConfig
 from batchlm.engine.block_manager import BlockManager
 from batchlm.engine.device import EngineResources, resolve_resources
+from batchlm.engine.logits_plan import LogitsPlan, SampleRows
 from batchlm.engine.model_runner import ModelRunner
 from batchlm.engine.output_processor import OutputProcessor, Request, ScoreOutput
 from batchlm.engine.scheduler import Scheduler
@@ -28,6 +35,7 @@ from batchlm.models import kv_cache_shape, load_model
 from batchlm.outputs import RequestOutput
 from batchlm.sampling import Sampler, SamplingRow, prompt_logprobs, request_generator, token_logprobs
 from batchlm.sampling_params import SamplingParams
+from batchlm.speculative import NgramProposer, SpecStats, parse_speculative_config
 
 _NO_MORE_LOGITS = 1 << 62
 
@@ -35,6 +43,10 @@ _NO_MORE_LOGITS = 1 << 62
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
+        # Speculative decoding (refused before the model loads when it cannot run).
+        self.spec_config = parse_speculative_config(config.speculative_config)
+        self.proposer = _proposer(self.spec_config)
+        self.spec_stats = SpecStats()
         device, dtype, kv_dtype = resolve_resources(config)
         self.device = device
         attention = get_attention_backend(device, config.attention_backend)
@@ -171,23 +183,23 @@ class LLMEngine:
     def step(self) -> list[RequestOutput | ScoreOutput]:
         """Run one scheduling step; return the requests that finished in it."""
         finished, self._ready = self._ready, []
+        if self.proposer is not None:
+            self._propose()
         sched = self.scheduler.schedule()
         if not sched:
             return finished
         run = self.runner.run(sched.scheduled)
-        rows, sample_seqs, prompt_rows = self._logit_rows(run.layout)
-        logits = self.runner.logits(run.hidden, rows) if rows else None
+        plan = LogitsPlan.build(run.layout)
+        logits = self.runner.logits(run.hidden, plan.hidden_rows) if plan.hidden_rows else None
         self.scheduler.update_after_step(sched)
         touched = set()
-        n_sample = len(sample_seqs)
-        if n_sample:
-            self._sample(sample_seqs, logits[:n_sample])
-            touched.update(s.request_id for s in sample_seqs)
-        offset = n_sample
-        for seq, lo, hi in prompt_rows:
-            self._prompt_scores(seq, lo, hi, logits[offset:offset + hi - lo])
-            offset += hi - lo
-        for seq, _, _ in run.layout:
+        if plan.samples:
+            self._sample(plan.samples, logits[:plan.num_sample_rows])
+            touched.update(s.seq.request_id for s in plan.samples)
+        for pr in plan.prompts:
+            self._prompt_scores(pr.seq, pr.lo, pr.hi, logits[pr.first_row:pr.first_row + pr.num_rows])
+        for entry in run.layout:
+            seq = entry.seq
             if seq.score_only and seq.prompt_done and not seq.is_finished:
                 self.scheduler.finish(seq, "score")
                 touched.add(seq.request_id)
@@ -200,35 +212,65 @@ class LLMEngine:
                 finished.append(self._final_output(req))
         return finished
 
-    def _logit_rows(self, layout):
-        """Which rows of the step's hidden states need logits: first the last
-        token of every sequence that is now fully computed (to sample), then
-        the prompt positions whose logprobs are wanted."""
-        rows, sample_seqs, prompt_rows = [], [], []
-        for seq, n, start in layout:
-            c = seq.num_computed_tokens
-            if c + n == seq.num_tokens and not seq.score_only:
-                rows.append(start + n - 1)
-                sample_seqs.append(seq)
-        for seq, n, start in layout:
-            c = seq.num_computed_tokens
-            lo, hi = max(c, seq.logits_from), min(c + n, seq.num_prompt_tokens - 1)
-            if hi > lo:
-                rows.extend(range(start + lo - c, start + hi - c))
-                prompt_rows.append((seq, lo, hi))
-        return rows, sample_seqs, prompt_rows
+    def _propose(self) -> None:
+        """Speculative decoding: proposals for every running decode, at most
+        as many as its max_tokens (less the token verification adds anyway)
+        and max_model_len leave room for; none in a step with more running
+        decodes than speculative_config.disable_by_batch_size."""
+        decodes = []
+        for seq in self.scheduler.running:
+            seq.spec_token_ids = []
+            if not seq.score_only and seq.num_tokens - seq.num_computed_tokens == 1:
+                decodes.append(seq)
+        if len(decodes) > self.spec_config.disable_by_batch_size:
+            return
+        for seq in decodes:
+            p = seq.params
+            room = self.max_model_len - seq.num_tokens
+            if p.max_tokens is not None:
+                room = min(room, p.max_tokens - seq.num_output_tokens - 1)
+            if room > 0:
+                seq.spec_token_ids = self.proposer.propose(seq.token_ids, room)
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        batch = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator,
-                             self.eos_token_ids) for s in seqs]
+    def _sample(self, slices: list[SampleRows], logits: torch.Tensor) -> None:
+        """Choose the next token(s) of each sequence. A speculating sequence
+        has one row per proposal plus one: row j sees the proposals before it
+        as already generated (penalties, min_tokens) and returns the proposal
+        when verification accepts it. Tokens are appended and checked for
+        stops one at a time; the first that is not its row's proposal (or
+        the last row's token, or a stop) ends the sequence's step, so nothing
+        past a stop or max_tokens is ever appended."""
+        batch = []
+        for sl in slices:
+            s = sl.seq
+            out_ids = s.output_token_ids
+            for j in range(sl.num_rows):
+                draft = sl.draft_token_ids[j] if j < len(sl.draft_token_ids) else None
+                hist = out_ids + list(sl.draft_token_ids[:j]) if j else out_ids
+                batch.append(SamplingRow(s.params, s.prompt_token_ids, hist, s.generator,
+                                         self.eos_token_ids, draft))
         out = self.sampler(logits, batch)
-        for i, (seq, token) in enumerate(zip(seqs, out.token_ids)):
-            seq.append_token(token)
-            lp = out.logprobs[i]
-            if lp is not None:
-                seq.logprobs.append(lp)
-                seq.cumulative_logprob += lp[token]
-            stop = self.output.check_stop(seq, token)
+        row = 0
+        for sl in slices:
+            seq, drafts = sl.seq, sl.draft_token_ids
+            stop, accepted = None, 0
+            for j in range(sl.num_rows):
+                token = out.token_ids[row + j]
+                seq.append_token(token)
+                lp = out.logprobs[row + j]
+                if lp is not None:
+                    seq.logprobs.append(lp)
+                    seq.cumulative_logprob += lp[token]
+                stop = self.output.check_stop(seq, token)
+                if j == len(drafts) or token != drafts[j]:
+                    break
+                accepted += 1
+                if stop is not None:
+                    break
+            row += sl.num_rows
+            if drafts:
+                self.spec_stats.record(len(drafts), accepted)
+                self.scheduler.accept_speculation(seq)  # before finish: publishes the accepted blocks
             if stop is not None:
                 self.scheduler.finish(seq, *stop)
 
@@ -249,6 +291,15 @@ class LLMEngine:
     def prefix_cache_hit_rate(self) -> float:
         bm = self.block_manager
         return bm.hit_tokens / bm.query_tokens if bm.query_tokens else 0.0
+
+
+def _proposer(spec) -> NgramProposer | None:
+    if spec is None:
+        return None
+    if spec.method != "ngram":
+        raise ValueError(f"speculative_config.method {spec.method!r} is not available in this build "
+                         "(only 'ngram' is); leave speculative_config out to run without speculation")
+    return NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max)
 
 
 def _eos_ids(hf_config, tokenizer, model_dir) -> frozenset[int]:

@@ -8,17 +8,25 @@ sampling, stopping or requests.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from batchlm.kernels.attention import AttentionMetadata
 
 
+class LayoutEntry(NamedTuple):
+    """One scheduled sequence in the flat batch."""
+
+    seq: object  # Sequence
+    num_tokens: int  # tokens run this step (speculative ones included)
+    first_row: int  # row of its first token in `hidden`
+
+
 @dataclass
 class RunResult:
     hidden: torch.Tensor  # [T, hidden_size]
-    # (sequence, num_tokens, row of its first token in `hidden`), batch order
-    layout: list[tuple[object, int, int]]
+    layout: list[LayoutEntry]  # batch order
 
 
 class ModelRunner:
@@ -55,14 +63,16 @@ class ModelRunner:
         num_decodes = 0
         for seq, n in order:
             c = seq.num_computed_tokens
-            layout.append((seq, n, len(input_ids)))
+            layout.append(LayoutEntry(seq, n, len(input_ids)))
             if n == 1:
                 num_decodes += 1
                 input_ids.append(seq.token_ids[c])
                 positions.append(c)
                 slots.append(seq.block_table[c // bs] * bs + c % bs)
             else:
-                input_ids.extend(seq.token_ids[c:c + n])
+                # NOTE: a speculating decode runs its last token and its proposals.
+                src = seq.token_ids + seq.spec_token_ids if seq.spec_token_ids else seq.token_ids
+                input_ids.extend(src[c:c + n])
                 rng = range(c, c + n)
                 positions.extend(rng)
                 table = seq.block_table

@@ -3,8 +3,11 @@
 Plain Python, no torch. There is no prefill or decode phase: each sequence
 has `num_computed_tokens` and `num_tokens`, and each step hands out a token
 budget (`max_num_batched_tokens`). That covers chunked prefill (a long prompt
-takes several steps), prefix caching (cached tokens count as computed) and,
-later, speculative decoding (a sequence may be scheduled for several tokens).
+takes several steps), prefix caching (cached tokens count as computed) and speculative decoding
+(a decode holding k proposed tokens is scheduled for 1 + k; the engine
+verifies them and calls `accept_speculation`, which keeps the accepted ones,
+gives back the blocks of rejected slots and publishes only full blocks of
+accepted tokens).
 
 Order of a step:
 1. Running sequences, oldest first, each gets what it still needs (one token
@@ -71,6 +74,7 @@ class Scheduler:
         else:
             self.waiting.remove(seq)
         seq.status = SeqStatus.FINISHED
+        seq.spec_token_ids = []
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
         self.bm.free(seq)
@@ -79,14 +83,19 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        for seq in list(self.running):
+        running = list(self.running)
+        for i, seq in enumerate(running):
             if budget <= 0:
                 break
             if seq.status is not SeqStatus.RUNNING:  # preempted below, this step
                 continue
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            need = seq.num_tokens - seq.num_computed_tokens
+            n = min(need, budget)
             if n <= 0:
                 continue
+            if seq.spec_token_ids:
+                # Each later running sequence keeps at least one token of the budget.
+                n += self._fit_speculation(seq, need, budget - n - (len(running) - i - 1))
             while not self.bm.allocate(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -125,6 +134,7 @@ class Scheduler:
                         f"but the cache has only {self.bm.num_free_blocks} free of {self.bm.num_blocks}")
                 break
             self.waiting.popleft()
+            seq.spec_token_ids = []  # a sequence speculates only once it decodes
             if cached:
                 seq.num_computed_tokens = computed
                 seq.num_cached_tokens = max(seq.num_cached_tokens, computed)
@@ -139,9 +149,34 @@ class Scheduler:
         self.waiting.extendleft(reversed(skipped))
         return out
 
+    def _fit_speculation(self, seq: Sequence, need: int, room: int) -> int:
+        """How many of `seq`'s speculative tokens to verify this step, on top of
+        its `need` tokens: as many as `room` (budget left) and the free blocks
+        allow; it never preempts another sequence to verify a guess. Only a
+        decode (need == 1) speculates. The tokens that do not fit are dropped
+        from seq.spec_token_ids."""
+        spec = seq.spec_token_ids
+        keep = max(0, min(len(spec), room)) if need == 1 else 0
+        if keep and not self.bm.can_allocate(seq, seq.num_computed_tokens + need + keep):
+            keep = 0
+        del spec[keep:]
+        return keep
+
+    def accept_speculation(self, seq: Sequence) -> None:
+        """After verification appended the accepted tokens (and one more) to
+        `seq`: every token but the last is now computed. Gives back the blocks
+        of rejected slots and publishes the full blocks (never a rejected
+        token: they hold only accepted, computed tokens)."""
+        seq.spec_token_ids = []
+        seq.num_computed_tokens = seq.num_tokens - 1
+        if seq.status is SeqStatus.RUNNING:
+            self.bm.trim(seq, seq.num_tokens)
+            self.bm.cache_full_blocks(seq, seq.num_computed_tokens)
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.bm.free(seq)
+        seq.spec_token_ids = []
         seq.num_computed_tokens = 0
         seq.status = SeqStatus.WAITING
         seq.preemptions += 1
@@ -151,5 +186,7 @@ class Scheduler:
     def update_after_step(self, out: SchedulerOutput) -> None:
         """Advance the counters of what ran and publish full blocks to the cache."""
         for seq, n in out.scheduled:
+            if seq.spec_token_ids:  # verified first: see accept_speculation
+                continue
             seq.num_computed_tokens += n
             self.bm.cache_full_blocks(seq, seq.num_computed_tokens)

@@ -30,6 +30,11 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    # Speculative decoding: tokens proposed for the positions after the last
+    # one (not part of token_ids). While a decode sequence has them, the
+    # scheduler budgets 1 + len(spec_token_ids) tokens for it and the engine
+    # keeps the accepted prefix (Scheduler.accept_speculation).
+    spec_token_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     # First position whose logits must be computed (so the prefix cache may not
     # skip it): len(prompt) - 1 for plain generation, 0 for prompt_logprobs,

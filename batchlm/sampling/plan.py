@@ -40,20 +40,23 @@ class StepPlan:
     penalty_rows: list[int]
     min_tokens_rows: list[int]  # rows with something to suppress this step
     logprob_rows: list[int]
+    draft_rows: list[int]  # sampling (not greedy) rows verifying a proposed token
 
     @staticmethod
     def build(rows: list[SamplingRow]) -> "StepPlan":
-        greedy, sample, penalty, min_tok, logprob = [], [], [], [], []
+        greedy, sample, penalty, min_tok, logprob, draft = [], [], [], [], [], []
         for i, row in enumerate(rows):
             p = row.params
             (greedy if p.greedy else sample).append(i)
+            if row.draft_token_id is not None and not p.greedy:
+                draft.append(i)
             if has_penalty(row):
                 penalty.append(i)
             if p.min_tokens and suppressed_ids(row):
                 min_tok.append(i)
             if p.logprobs is not None:
                 logprob.append(i)
-        return StepPlan(greedy, sample, penalty, min_tok, logprob)
+        return StepPlan(greedy, sample, penalty, min_tok, logprob, draft)
 
     @property
     def pure_argmax(self) -> bool:

@@ -6,6 +6,9 @@ Per step, in this order (vLLM / HF semantics where they agree):
 3. greedy rows (temperature < 1e-5): argmax; top-k/top-p/min-p are ignored.
 4. other rows: temperature, top-k, top-p, min-p (filters.py), then a draw
    by inverse CDF with one uniform per row (draw.py).
+   A row with a proposed token (speculative decoding) keeps it with
+   probability p(token), else draws from p without it (verify.py); a greedy
+   row with one just takes the argmax (the engine compares).
 
 A row with its own generator draws only from it, so a seeded request yields
 the same tokens whichever rows share the batch and wherever it sits. Unseeded
@@ -35,6 +38,7 @@ from batchlm.sampling.logprobs import topk_logprobs
 from batchlm.sampling.penalties import apply_penalties, suppress_min_tokens
 from batchlm.sampling.plan import StepPlan
 from batchlm.sampling.types import SamplerOutput, SamplingRow
+from batchlm.sampling.verify import accept_drafts_, draft_uniforms
 
 
 def greedy_argmax(x: Tensor) -> Tensor:
@@ -103,9 +107,23 @@ class Sampler:
                       [1.0 if p.greedy else p.top_p for p in params],
                       [0.0 if p.greedy else p.min_p for p in params])
         u = row_uniforms(rows, plan.sample_rows, self.generator, e.device)  # [B]
+        dr = None
+        if plan.draft_rows:  # speculative decoding: accept or resample (verify.py)
+            dr = torch.tensor(plan.draft_rows, device=e.device)  # [n]
+            drafts = torch.tensor([rows[i].draft_token_id for i in plan.draft_rows], device=e.device)  # [n]
+            u2 = draft_uniforms(rows, plan.draft_rows, self.generator, e.device)  # [n]
+            accepted = self._accept_drafts(e, dr, drafts, u[dr])  # [n]; e[dr, drafts] zeroed
+            u[dr] = u2
         tokens = inverse_cdf(e, u)  # [B]
+        if dr is not None:
+            tokens[dr] = torch.where(accepted, drafts, tokens[dr])
         if greedy is not None:
             is_greedy = torch.zeros(len(rows), dtype=torch.bool, device=e.device)
             is_greedy[torch.tensor(plan.greedy_rows, device=e.device)] = True
             tokens = torch.where(is_greedy, greedy, tokens)
         return tokens
+
+    def _accept_drafts(self, e: Tensor, rows: Tensor, drafts: Tensor, u: Tensor) -> Tensor:
+        """The acceptance rule of speculative decoding (verify.accept_drafts_);
+        a method so that a test can show a wrong rule failing the distribution test."""
+        return accept_drafts_(e, rows, drafts, u)

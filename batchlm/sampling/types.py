@@ -1,6 +1,7 @@
 """The sampler's seam with the engine: what one row brings in, what a step returns.
 
-A `SamplingRow` is one sequence that needs a next token this step. The sampler
+A `SamplingRow` is one position of a sequence that needs a token this step
+(a speculating sequence brings one row per position it verifies). The sampler
 reads it and never mutates it; the engine owns the lists and the generator.
 """
 from __future__ import annotations
@@ -23,6 +24,11 @@ class SamplingRow:
     # Suppressed (with params.stop_token_ids) while len(output) < min_tokens,
     # unless params.ignore_eos.
     eos_token_ids: frozenset[int] = field(default_factory=frozenset)
+    # Speculative decoding: a proposed token for this position, to verify.
+    # The row's token is then the proposal when accepted (greedy: it is the
+    # argmax; sampling: with probability p(proposal)), else a token drawn from
+    # p with the proposal removed (see sampling/verify.py). None: a plain draw.
+    draft_token_id: int | None = None
 
 
 @dataclass

@@ -77,3 +77,16 @@ def test_prefix_caching_off_never_hits():
     bm.allocate(a, 4)
     bm.cache_full_blocks(a, 4)
     assert bm.find_cached_prefix([1, 2, 3, 4, 5], 4) == []
+
+
+def test_trim_gives_back_trailing_blocks_tail_first():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a = _seq(range(10), 0)
+    assert bm.allocate(a, 14)  # 4 blocks
+    head = list(a.block_table)
+    bm.trim(a, 5)  # 5 tokens need 2 blocks
+    assert a.block_table == head[:2] and bm.num_free_blocks == 6
+    bm.trim(a, 8)  # never grows
+    assert a.block_table == head[:2]
+    bm.free(a)
+    assert bm.num_free_blocks == 8

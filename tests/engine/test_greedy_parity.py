@@ -1,6 +1,7 @@
 """Greedy generations are token-identical to transformers `generate`, for
 every architecture (sliding windows included), with prefix caching on and off,
-chunked prefill forced, preemption forced and the layers torch.compile'd."""
+chunked prefill forced, preemption forced and the layers torch.compile'd; and the
+same with n-gram speculative decoding (modes spec-*: the outputs must not change)."""
 from __future__ import annotations
 
 import pytest
@@ -45,10 +46,18 @@ def arch(request, tmp_path_factory):
     return d, prompts, hf_greedy(model, prompts, MAX_NEW)
 
 
-@pytest.mark.parametrize("mode", ["default", "no-prefix-cache", "chunked", "preempt", "compiled"])
+SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+
+
+@pytest.mark.parametrize("mode", ["default", "no-prefix-cache", "chunked", "preempt", "compiled", "spec",
+                                  "spec-no-prefix-cache", "spec-chunked", "spec-preempt"])
 def test_greedy_matches_transformers(arch, mode):
     d, prompts, ref = arch
     kwargs = dict(kv_cache_memory=1 << 24, dtype="float32")  # exact: fp32, as transformers
+    speculate = mode.startswith("spec")
+    if speculate:
+        kwargs["speculative_config"] = SPEC
+        mode = mode.removeprefix("spec").removeprefix("-") or "default"
     if mode == "no-prefix-cache":
         kwargs["enable_prefix_caching"] = False
     elif mode == "chunked":
@@ -58,7 +67,9 @@ def test_greedy_matches_transformers(arch, mode):
     elif mode == "preempt":
         llm_probe = LLM(model=d, dtype="float32", kv_cache_memory=1 << 20)
         per_block = (1 << 20) // llm_probe.engine.block_manager.num_blocks
-        kwargs["kv_cache_memory"] = per_block * 9  # 9 blocks of 16 for 6 sequences of up to 74 tokens
+        # 9 blocks of 16 for 6 sequences of up to 74 tokens (8 with speculation: it finishes
+        # sequences in fewer steps, so fewer grow at once)
+        kwargs["kv_cache_memory"] = per_block * (8 if speculate else 9)
     llm = LLM(model=d, **kwargs)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW), use_tqdm=False)
     got = [o.outputs[0].token_ids for o in outs]
@@ -66,6 +77,9 @@ def test_greedy_matches_transformers(arch, mode):
     assert not diff, f"prompts {diff} differ from transformers: {[(got[i], ref[i]) for i in diff]}"
     if mode == "preempt":
         assert llm.engine.scheduler.num_preemptions > 0
+    if speculate:  # proposals were made and some accepted: speculation really ran
+        assert llm.engine.spec_stats.proposed > 0 and llm.engine.spec_stats.accepted > 0, \
+            llm.engine.spec_stats.as_dict()
     if mode == "default":
         # Again: now every prompt's full blocks come from the prefix cache.
         again = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW), use_tqdm=False)

@@ -96,3 +96,104 @@ def test_waiting_twin_is_held_until_the_lead_has_its_prompt():
     # lead decodes; the twin starts with its 2 full blocks from the cache
     assert [(q, n) for q, n in out.scheduled] == [(lead, 1), (twin, 1)]
     assert twin.num_cached_tokens == 8
+
+
+# ---- speculative decoding ----------------------------------------------------------
+
+
+def _verify(s, out, accept: dict, correction=99):
+    """Advance as the engine does after verification: a speculating sequence
+    keeps accept[seq] of its proposals plus one token of its own."""
+    speculating = [q for q, _ in out.scheduled if q.spec_token_ids]
+    s.update_after_step(out)  # advances the others only
+    for q in speculating:
+        for t in q.spec_token_ids[:accept[q]]:
+            q.append_token(t)
+        q.append_token(correction)
+        s.accept_speculation(q)
+
+
+def test_a_speculating_decode_is_budgeted_k_plus_one_and_keeps_what_is_accepted():
+    s, bm = _make(block_size=4, budget=64)
+    a = _add(s, 3, 0)
+    _simulate(s, s.schedule())  # prompt computed, one output token: a decode
+    a.spec_token_ids = [5, 6, 7]
+    out = s.schedule()
+    assert out.scheduled == [(a, 4)] and len(a.block_table) == 2  # positions 3..6
+    _verify(s, out, {a: 2})
+    assert a.output_token_ids == [7, 5, 6, 99]
+    assert a.num_computed_tokens == a.num_tokens - 1 == 6 and a.spec_token_ids == []
+    out = s.schedule()  # a plain decode again
+    assert out.scheduled == [(a, 1)]
+
+
+def test_speculation_leaves_one_token_of_budget_to_each_later_sequence():
+    s, _ = _make(block_size=4, budget=5)
+    a, b, c = (_add(s, 2, i) for i in range(3))
+    _simulate(s, s.schedule())  # 2 + 2 + 1 of the three prompts
+    _simulate(s, s.schedule())
+    assert all(q.num_tokens - q.num_computed_tokens == 1 for q in (a, b))
+    a.spec_token_ids = [1, 2, 3, 4, 5, 6]
+    out = s.schedule()
+    by_seq = {q.seq_id: n for q, n in out.scheduled}
+    assert a.spec_token_ids == [1, 2]  # 5 - 1 for a - 1 each for b and c
+    assert by_seq[a.seq_id] == 1 + len(a.spec_token_ids) and sum(by_seq.values()) <= 5
+    assert all(n >= 1 for n in by_seq.values()) and len(by_seq) == len(s.running)
+
+
+def test_only_a_decode_speculates_and_speculation_never_preempts():
+    s, bm = _make(num_blocks=3, block_size=4, budget=64)
+    a = _add(s, 2, 0)
+    a.spec_token_ids = [1, 2]  # still a prompt: dropped
+    out = s.schedule()
+    assert out.scheduled == [(a, 2)] and a.spec_token_ids == []
+    _simulate(s, out)
+    b = _add(s, 6, 1)
+    _simulate(s, s.schedule())  # b's prompt: 2 blocks; a holds 1, none free
+    assert bm.num_free_blocks == 0
+    a.spec_token_ids = [1, 2, 3]  # its next token fits its block; the proposals would need another
+    out = s.schedule()
+    assert not out.preempted and (a, 1) in out.scheduled and a.spec_token_ids == []
+
+
+def test_rejected_tokens_are_never_published_and_their_blocks_come_back():
+    s, bm = _make(num_blocks=8, block_size=4, budget=64)
+    a = _add(s, 3, 0)
+    _simulate(s, s.schedule())  # 3 prompt tokens + 1 output
+    true_head = list(a.token_ids)  # 4 tokens: the first block once computed
+    drafts = [11, 12, 13, 14, 15]
+    a.spec_token_ids = list(drafts)
+    out = s.schedule()
+    assert out.scheduled == [(a, 6)] and len(a.block_table) == 3  # positions 3..8
+    free_before = bm.num_free_blocks
+    _verify(s, out, {a: 0}, correction=42)  # every proposal rejected
+    assert a.token_ids == true_head + [42] and a.num_computed_tokens == 4
+    assert len(a.block_table) == 2 and bm.num_free_blocks == free_before + 1
+    # The full first block is published; nothing holding a rejected token is.
+    assert bm.find_cached_prefix(true_head + drafts[:4], 8) == a.block_table[:1]
+    assert all(bm.blocks[b].hash is None for b in a.block_table[1:])
+    s.finish(a, "length")
+    assert bm.num_free_blocks == 8
+
+
+def test_preempting_a_speculating_sequence_drops_its_proposals():
+    s, bm = _make(num_blocks=6, block_size=4, budget=64)
+    seqs = [_add(s, 7, i) for i in range(3)]
+    steps = 0
+    while s.has_unfinished():
+        for q in s.running:  # every decode proposes two tokens each step
+            if q.num_tokens - q.num_computed_tokens == 1:
+                q.spec_token_ids = [7, 7]
+        out = s.schedule()
+        assert all(not p.spec_token_ids for p in out.preempted)
+        _verify(s, out, {q: 1 for q, _ in out.scheduled}, correction=7)
+        for q, _ in out.scheduled:
+            if q.num_computed_tokens >= q.num_prompt_tokens and q.num_tokens == q.num_computed_tokens:
+                q.append_token(7)  # a prompt just finished: its first token
+            if q.num_output_tokens >= 6 and not q.is_finished:
+                s.finish(q, "length")
+        steps += 1
+        assert steps < 200
+    assert s.num_preemptions > 0
+    assert all(q.output_token_ids[:6] == [7] * 6 for q in seqs)
+    assert bm.num_free_blocks == 6
