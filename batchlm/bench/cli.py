@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 
 EXTRA_BENCH_MODULES = ("batchlm.pipelines.bench",)
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -28,6 +29,16 @@ def _int_list(text: str) -> list[int]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({e.msg})")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -69,6 +80,10 @@ def _add_throughput(sub) -> None:
                    help="also time batchlm with this config in the same process on the same "
                         "prompts, and print the ratio: a dtype (float32), a quantization "
                         "(int8, int4_g32; run with dtype auto), optionally +kv_<dtype>; repeatable")
+    p.add_argument("--speculative-config", type=_json_object, metavar="JSON",
+                   help="also time batchlm with this speculative_config in the same process on the same "
+                        "prompts (e.g. '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}'), and print "
+                        "the ratio, token-identical outputs, proposed/accepted and mean acceptance length")
     p.add_argument("--baseline", choices=["hf", "llamacpp"],
                    help="also run transformers generate (hf), or llama.cpp on the same GGUF file one "
                         "prompt at a time (llamacpp; needs llama-cpp-python, not a dependency)")
@@ -124,6 +139,13 @@ def _run_throughput(args) -> int:
 
     if args.skip_batchlm and args.baseline is None:
         raise SystemExit("bench throughput: --skip-batchlm needs --baseline hf or llamacpp")
+    if args.speculative_config is not None:
+        from batchlm.speculative import parse_speculative_config
+
+        try:
+            parse_speculative_config(args.speculative_config)
+        except ValueError as e:
+            raise SystemExit(f"bench throughput: --speculative-config: {e}") from None
     return run(args)
 
 

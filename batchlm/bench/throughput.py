@@ -192,6 +192,26 @@ def _batchlm_row(llm, name, work, repeats, flops_of, gflops):
                flops_of(work.num_prompt_tokens, n_out) / wall / 1e9 / gflops), tokens
 
 
+def _speculative_row(args, work, flops_of, gflops, rows, batchlm_tokens) -> dict:
+    """Time batchlm with args.speculative_config (after the plain run, same
+    workload); append its row and return the ratio, agreement and acceptance."""
+    import json
+
+    other = _engine(args, {"dtype": args.dtype, "quantization": args.quantization,
+                           "kv_cache_dtype": args.kv_cache_dtype or "auto",
+                           "speculative_config": args.speculative_config})
+    row, tokens = _batchlm_row(other, "batchlm speculative", work, args.repeats, flops_of, gflops)
+    rows.append(row)
+    eos = set(other.engine.eos_token_ids)
+    same, where = compare_outputs(tokens, batchlm_tokens, eos)
+    out = {"config": json.dumps(args.speculative_config, sort_keys=True),
+           "ratio_output_tokens_per_s": row.output_tokens_per_s / rows[0].output_tokens_per_s,
+           "identical": same, "compared": len(tokens), "differ_at": where,
+           **other.engine.spec_stats.as_dict()}
+    del other
+    return out
+
+
 def run(args) -> int:
     import torch
     from transformers import AutoConfig, AutoTokenizer
@@ -229,6 +249,8 @@ def run(args) -> int:
             rows.append(row)
             summary.setdefault("compare", {})[spec] = rows[0].output_tokens_per_s / row.output_tokens_per_s
             del other
+        if args.speculative_config is not None:
+            summary["speculative"] = _speculative_row(args, work, flops_of, gflops, rows, batchlm_tokens)
     if args.baseline == "llamacpp":
         eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         row, summary["llamacpp"] = _llamacpp_row(args, work, flops_of, gflops, batchlm_tokens, eos)
@@ -254,6 +276,14 @@ def run(args) -> int:
           "(roofline = fraction of the matmul rate in the dtype each engine computes in)")
     print(f"repeats:  {args.repeats} (median wall time)\n")
     print(format_table(rows))
+    sp = summary.get("speculative")
+    if sp:
+        print(f"\nbatchlm speculative / batchlm output tokens/s (same process, same workload): "
+              f"{sp['ratio_output_tokens_per_s']:.2f}x; token-identical outputs: {sp['identical']}/{sp['compared']}"
+              + (f" (differ at request@token: {' '.join(sp['differ_at'][:20])})" if sp["differ_at"] else ""))
+        print(f"speculation: {sp['proposed']} tokens proposed, {sp['accepted']} accepted "
+              f"({sp['acceptance_rate']:.1%}), mean acceptance length {sp['mean_acceptance_length']:.2f} "
+              f"tokens per verification")
     for spec, ratio in summary.get("compare", {}).items():
         print(f"\nbatchlm / batchlm {spec} output tokens/s (same process, same workload): {ratio:.2f}x")
     if "ratio_output_tokens_per_s" in summary:

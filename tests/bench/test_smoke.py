@@ -53,3 +53,23 @@ def test_throughput_quantized_with_a_same_process_comparison(tiny_model_dir, tmp
     assert "int8 weights" in notes[0] and notes[1].startswith("float32,") and "kv bfloat16" in notes[2]
     assert set(data["compare"]) == {"float32", "int4_g32+kv_bfloat16"}
     assert data["quantization"] == "int8" and data["run_dtype"] in ("float32", "bfloat16")
+
+
+def test_throughput_with_and_without_speculation(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "s.json"
+    spec = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2}'
+    rc = _run(["bench", "throughput", "--model", tiny_model_dir, "--num-prompts", "3", "--dtype", "float32",
+               "--prompt-len-range", "100", "140", "--max-tokens", "8", "--speculative-config", spec,
+               "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "batchlm speculative / batchlm output tokens/s (same process, same workload)" in text
+    assert "mean acceptance length" in text
+    data = json.loads(out.read_text())
+    assert [r["name"] for r in data["rows"]] == ["batchlm", "batchlm speculative"]
+    sp = data["speculative"]
+    assert sp["compared"] == 3 and sp["identical"] == 3  # fp32 greedy: speculation changes nothing
+    assert sp["proposed"] >= sp["accepted"] >= 0 and sp["ratio_output_tokens_per_s"] > 0
+    with pytest.raises(SystemExit, match="speculative_config.num_speculative_tokens"):
+        _run(["bench", "throughput", "--model", tiny_model_dir, "--speculative-config",
+              '{"method": "ngram", "num_speculative_tokens": 0}'])
