@@ -7,7 +7,7 @@ drive it through add_request / step / has_unfinished_requests /
 abort_request; `batchlm.LLM` wraps it for whole batches.
 
 With `speculative_config`, a step first gives every running decode its
-proposals (seq.spec_token_ids); the scheduler runs them with its last token,
+proposals (seq.spec_token_ids: NgramProposer, or DraftProposer in draft.py); the scheduler runs them with its last token,
 the LogitsPlan gives that sequence one row per position, and `_sample` keeps
 the accepted prefix plus one token (greedy: equal to the argmax; sampling:
 rejection sampling in the sampler), then `Scheduler.accept_speculation`.
@@ -25,6 +25,7 @@ import torch
 from batchlm.config import EngineConfig
 from batchlm.engine.block_manager import BlockManager
 from batchlm.engine.device import EngineResources, resolve_resources
+from batchlm.engine.draft import DraftProposer
 from batchlm.engine.logits_plan import LogitsPlan, SampleRows
 from batchlm.engine.model_runner import ModelRunner
 from batchlm.engine.output_processor import OutputProcessor, Request, ScoreOutput
@@ -65,15 +66,21 @@ class LLMEngine:
         limit = getattr(self.hf_config, "max_position_embeddings", None) or 8192
         self.max_model_len = config.max_model_len or min(limit, 8192)
         num_layers, kv_heads, head_dim = kv_cache_shape(self.hf_config)
-        res: EngineResources = EngineResources.plan(
-            config, device, kv_dtype, ModelRunner.bytes_per_block(
-                num_layers, kv_heads, head_dim, config.block_size, kv_dtype))
+        self.draft = None  # speculative_config method "draft": a second model sharing the block tables
+        block_bytes = ModelRunner.bytes_per_block(num_layers, kv_heads, head_dim, config.block_size, kv_dtype)
+        if self.spec_config is not None and self.spec_config.method == "draft":
+            self.draft = DraftProposer.load(self.spec_config, dtype, device, config.attention_backend,
+                                            self.tokenizer, self.hf_config.vocab_size)
+            block_bytes += self.draft.bytes_per_block(config.block_size, kv_dtype)
+        res: EngineResources = EngineResources.plan(config, device, kv_dtype, block_bytes)
         self.block_manager = BlockManager(res.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, res.max_num_batched_tokens,
                                    config.enable_chunked_prefill)
         self.max_num_batched_tokens = res.max_num_batched_tokens
         self.runner = ModelRunner(self.model, attention, num_layers, kv_heads, head_dim, res.num_blocks,
                                   config.block_size, kv_dtype, device)
+        if self.draft is not None:
+            self.draft.allocate_cache(res.num_blocks, config.block_size, kv_dtype, device)
         self.sampler = Sampler(self.hf_config.vocab_size, device, seed=config.seed)
         self.eos_token_ids = _eos_ids(self.hf_config, self.tokenizer, self.model_dir)
         self.output = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
@@ -183,7 +190,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput | ScoreOutput]:
         """Run one scheduling step; return the requests that finished in it."""
         finished, self._ready = self._ready, []
-        if self.proposer is not None:
+        if self.spec_config is not None:
             self._propose()
         sched = self.scheduler.schedule()
         if not sched:
@@ -205,6 +212,8 @@ class LLMEngine:
                 touched.add(seq.request_id)
             elif seq.prompt_done:
                 seq.logits_from = _NO_MORE_LOGITS  # prompt logprobs are in: never recompute them
+            # NOTE: draft keys past what the target computed came from rejected proposals.
+            seq.draft_computed_tokens = min(seq.draft_computed_tokens, seq.num_computed_tokens)
         for rid in touched:
             req = self.requests.get(rid)
             if req is not None and req.finished:
@@ -224,11 +233,17 @@ class LLMEngine:
                 decodes.append(seq)
         if len(decodes) > self.spec_config.disable_by_batch_size:
             return
+        limits = []
         for seq in decodes:
             p = seq.params
             room = self.max_model_len - seq.num_tokens
             if p.max_tokens is not None:
                 room = min(room, p.max_tokens - seq.num_output_tokens - 1)
+            limits.append(max(0, min(room, self.spec_config.num_speculative_tokens)))
+        if self.draft is not None:
+            self.draft.propose(decodes, limits, self.block_manager)
+            return
+        for seq, room in zip(decodes, limits):
             if room > 0:
                 seq.spec_token_ids = self.proposer.propose(seq.token_ids, room)
 
@@ -294,11 +309,9 @@ class LLMEngine:
 
 
 def _proposer(spec) -> NgramProposer | None:
-    if spec is None:
+    """The n-gram proposer, or None (no speculation, or a draft model: see DraftProposer)."""
+    if spec is None or spec.method != "ngram":
         return None
-    if spec.method != "ngram":
-        raise ValueError(f"speculative_config.method {spec.method!r} is not available in this build "
-                         "(only 'ngram' is); leave speculative_config out to run without speculation")
     return NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max)
 
 

@@ -177,7 +177,7 @@ class Scheduler:
         self.running.remove(seq)
         self.bm.free(seq)
         seq.spec_token_ids = []
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.draft_computed_tokens = 0
         seq.status = SeqStatus.WAITING
         seq.preemptions += 1
         self.num_preemptions += 1

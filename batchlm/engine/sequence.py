@@ -35,6 +35,9 @@ class Sequence:
     # scheduler budgets 1 + len(spec_token_ids) tokens for it and the engine
     # keeps the accepted prefix (Scheduler.accept_speculation).
     spec_token_ids: list[int] = field(default_factory=list)
+    # Draft-model speculation: positions whose draft keys/values are in the
+    # draft's cache (never more than num_computed_tokens after a step).
+    draft_computed_tokens: int = 0
     status: SeqStatus = SeqStatus.WAITING
     # First position whose logits must be computed (so the prefix cache may not
     # skip it): len(prompt) - 1 for plain generation, 0 for prompt_logprobs,

@@ -5,9 +5,10 @@ Modules:
 - ngram.py   NgramProposer: prompt lookup over a sequence's own tokens (plain Python)
 - stats.py   SpecStats: proposed, accepted, mean acceptance length
 
-Verification (scoring the proposals in one step and keeping the accepted
-prefix) lives in the engine (engine/logits_plan.py, engine/llm_engine.py) and
-the sampler (sampling/verify.py).
+The draft-model proposer needs torch and the engine's model runner: it is
+engine/draft.py. Verification (scoring the proposals in one step and keeping
+the accepted prefix) lives in the engine (engine/logits_plan.py,
+engine/llm_engine.py) and the sampler (sampling/verify.py).
 """
 from batchlm.speculative.config import SpeculativeConfig, parse_speculative_config
 from batchlm.speculative.ngram import NgramProposer

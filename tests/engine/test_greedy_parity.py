@@ -1,7 +1,8 @@
 """Greedy generations are token-identical to transformers `generate`, for
 every architecture (sliding windows included), with prefix caching on and off,
 chunked prefill forced, preemption forced and the layers torch.compile'd; and the
-same with n-gram speculative decoding (modes spec-*: the outputs must not change)."""
+same with n-gram speculative decoding (modes spec-*) and a draft model (draft-*:
+the model itself, or another random one): the outputs must not change."""
 from __future__ import annotations
 
 import pytest
@@ -42,22 +43,32 @@ def _prompts(seed=1):
 def arch(request, tmp_path_factory):
     cls, overrides = ARCHS[request.param]
     d, model = tiny_model_dir(tmp_path_factory.mktemp(request.param), cls, **overrides)
+    other, _ = tiny_model_dir(tmp_path_factory.mktemp(request.param + "-draft"), cls, seed=1, **overrides)
     prompts = _prompts()
-    return d, prompts, hf_greedy(model, prompts, MAX_NEW)
+    return d, prompts, hf_greedy(model, prompts, MAX_NEW), other
 
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 
 
 @pytest.mark.parametrize("mode", ["default", "no-prefix-cache", "chunked", "preempt", "compiled", "spec",
-                                  "spec-no-prefix-cache", "spec-chunked", "spec-preempt"])
+                                  "spec-no-prefix-cache", "spec-chunked", "spec-preempt", "draft-self",
+                                  "draft-self-no-prefix-cache", "draft-self-chunked", "draft-self-preempt",
+                                  "draft-other"])
 def test_greedy_matches_transformers(arch, mode):
-    d, prompts, ref = arch
+    d, prompts, ref, other = arch
     kwargs = dict(kv_cache_memory=1 << 24, dtype="float32")  # exact: fp32, as transformers
-    speculate = mode.startswith("spec")
-    if speculate:
+    speculate = mode.startswith(("spec", "draft"))
+    accept_some = True
+    if mode.startswith("spec"):
         kwargs["speculative_config"] = SPEC
         mode = mode.removeprefix("spec").removeprefix("-") or "default"
+    elif mode.startswith("draft"):
+        # the model as its own draft (proposals mostly accepted), or another random one (mostly rejected)
+        draft = d if mode.startswith("draft-self") else other
+        kwargs["speculative_config"] = {"method": "draft", "model": draft, "num_speculative_tokens": 3}
+        accept_some = draft == d
+        mode = mode.removeprefix("draft-self").removeprefix("draft-other").removeprefix("-") or "default"
     if mode == "no-prefix-cache":
         kwargs["enable_prefix_caching"] = False
     elif mode == "chunked":
@@ -65,7 +76,8 @@ def test_greedy_matches_transformers(arch, mode):
     elif mode == "compiled":
         kwargs["compile_model"] = True
     elif mode == "preempt":
-        llm_probe = LLM(model=d, dtype="float32", kv_cache_memory=1 << 20)
+        llm_probe = LLM(model=d, dtype="float32", kv_cache_memory=1 << 20,
+                        speculative_config=kwargs.get("speculative_config"))  # a draft's cache too
         per_block = (1 << 20) // llm_probe.engine.block_manager.num_blocks
         # 9 blocks of 16 for 6 sequences of up to 74 tokens (8 with speculation: it finishes
         # sequences in fewer steps, so fewer grow at once)
@@ -77,9 +89,9 @@ def test_greedy_matches_transformers(arch, mode):
     assert not diff, f"prompts {diff} differ from transformers: {[(got[i], ref[i]) for i in diff]}"
     if mode == "preempt":
         assert llm.engine.scheduler.num_preemptions > 0
-    if speculate:  # proposals were made and some accepted: speculation really ran
-        assert llm.engine.spec_stats.proposed > 0 and llm.engine.spec_stats.accepted > 0, \
-            llm.engine.spec_stats.as_dict()
+    if speculate:  # proposals were made (and some accepted): speculation really ran
+        stats = llm.engine.spec_stats
+        assert stats.proposed > 0 and (stats.accepted > 0 or not accept_some), stats.as_dict()
     if mode == "default":
         # Again: now every prompt's full blocks come from the prefix cache.
         again = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW), use_tqdm=False)

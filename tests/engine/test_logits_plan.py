@@ -37,3 +37,12 @@ def test_score_only_sequences_never_sample():
     plan = LogitsPlan.build([LayoutEntry(s, 6, 0)])
     assert plan.samples == [] and plan.prompts == [PromptRows(s, 0, 3, 5)]
     assert plan.hidden_rows == [3, 4]
+
+
+def test_logits_plan_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; import batchlm.engine.logits_plan; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

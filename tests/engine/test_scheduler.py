@@ -184,8 +184,9 @@ def test_preempting_a_speculating_sequence_drops_its_proposals():
         for q in s.running:  # every decode proposes two tokens each step
             if q.num_tokens - q.num_computed_tokens == 1:
                 q.spec_token_ids = [7, 7]
+                q.draft_computed_tokens = q.num_tokens + 1  # as a draft model leaves it
         out = s.schedule()
-        assert all(not p.spec_token_ids for p in out.preempted)
+        assert all(not p.spec_token_ids and p.draft_computed_tokens == 0 for p in out.preempted)
         _verify(s, out, {q: 1 for q, _ in out.scheduled}, correction=7)
         for q, _ in out.scheduled:
             if q.num_computed_tokens >= q.num_prompt_tokens and q.num_tokens == q.num_computed_tokens:

@@ -135,9 +135,32 @@ def test_a_large_batch_does_not_speculate(pair):
     assert llm.engine.spec_stats.proposed > 0
 
 
-def test_draft_method_is_refused_clearly(tmp_path):
-    with pytest.raises(ValueError, match="speculative_config.method 'draft' is not available"):
-        LLM(model=str(tmp_path), speculative_config={"method": "draft", "model": "x", "num_speculative_tokens": 2})
+def test_a_draft_model_that_cannot_serve_is_refused_clearly(pair, tmp_path):
+    from transformers import AutoTokenizer
+
+    plain, _ = pair
+    with pytest.raises(ValueError, match="speculative_config.model: cannot load the draft model '/nonexistent/x'"):
+        LLM(model=plain.model_dir, speculative_config={"method": "draft", "model": "/nonexistent/x",
+                                                       "num_speculative_tokens": 2})
+    other, _ = tiny_model_dir(tmp_path, LlamaConfig, seed=2)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(other)
+    with pytest.raises(ValueError, match="speculative_config.model: the draft model .* has another tokenizer"):
+        LLM(model=plain.model_dir, speculative_config={"method": "draft", "model": other,
+                                                       "num_speculative_tokens": 2})
+
+
+def test_draft_model_speculation_keeps_greedy_outputs_and_frees_everything(pair):
+    plain, _ = pair
+    llm = LLM(model=plain.model_dir, dtype="float32", kv_cache_memory=1 << 24, max_model_len=200,
+              speculative_config={"method": "draft", "model": plain.model_dir, "num_speculative_tokens": 4})
+    prompts = _prompts(6, seed=11)
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, logprobs=2) for m in (1, 2, 7, 20, 33, 40)]
+    ref, _ = _run(plain, prompts, params)
+    got, (proposed, accepted) = _run(llm, prompts, params)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
+    assert proposed > 0 and accepted == proposed  # the model is its own draft: every guess is right
 
 
 # ---- the distribution test ----------------------------------------------------------
@@ -195,11 +218,14 @@ def _chi2_p(a: dict, b: dict) -> float:
     return chi2_contingency(table)[1]
 
 
-@pytest.mark.parametrize("filters", [dict(), dict(top_p=0.9)], ids=["t1", "t1-top_p0.9"])
+@pytest.mark.parametrize("proposer, filters", [("ngram", dict()), ("ngram", dict(top_p=0.9)), ("draft", dict())],
+                         ids=["ngram-t1", "ngram-t1-top_p0.9", "draft-t1"])
 @pytest.mark.parametrize("rule", ["rejection", "broken"])
-def test_sampled_tokens_keep_the_models_distribution(peaked, filters, rule):
+def test_sampled_tokens_keep_the_models_distribution(peaked, proposer, filters, rule):
     d, kw, plain, prompt, plain_samples = peaked
-    spec = LLM(model=d, speculative_config={**NGRAM, "disable_by_batch_size": 1024}, **kw)
+    # the draft is the model itself: greedy guesses, accepted with probability p(guess)
+    spec_config = NGRAM if proposer == "ngram" else {"method": "draft", "model": d, "num_speculative_tokens": 4}
+    spec = LLM(model=d, speculative_config={**spec_config, "disable_by_batch_size": 1024}, **kw)
     if rule == "broken":
         spec.engine.sampler = _ResampleKeepsDraft(spec.engine.sampler.vocab_size, "cpu")
 
