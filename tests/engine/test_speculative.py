@@ -124,6 +124,15 @@ def test_mixed_batch_greedy_rows_unchanged_and_seeds_reproducible(pair):
     assert [o.outputs[0].token_ids for o in again[::-1]] == [o.outputs[0].token_ids for o in got]
 
 
+def test_classification_is_unchanged_by_speculation(pair):
+    plain, spec = pair
+    prompts, labels = ["the cat sat on the", "an apple a day"], ["mat", "doctor", "x"]
+    ref = plain.classify(prompts, labels, use_tqdm=False)
+    got = spec.classify(prompts, labels, use_tqdm=False)
+    for r, g in zip(ref, got):
+        assert g.logprobs == pytest.approx(r.logprobs, rel=1e-5, abs=1e-5) and g.label == r.label
+
+
 def test_a_large_batch_does_not_speculate(pair):
     plain, _ = pair
     llm = LLM(model=plain.model_dir, dtype="float32", kv_cache_memory=1 << 24, max_model_len=200,
@@ -218,8 +227,10 @@ def _chi2_p(a: dict, b: dict) -> float:
     return chi2_contingency(table)[1]
 
 
-@pytest.mark.parametrize("proposer, filters", [("ngram", dict()), ("ngram", dict(top_p=0.9)), ("draft", dict())],
-                         ids=["ngram-t1", "ngram-t1-top_p0.9", "draft-t1"])
+@pytest.mark.parametrize("proposer, filters", [
+    ("ngram", dict()), ("ngram", dict(top_p=0.9)), ("draft", dict()),
+    ("draft", dict(top_k=30, min_p=0.02, repetition_penalty=1.2, presence_penalty=0.3)),
+], ids=["ngram-t1", "ngram-t1-top_p0.9", "draft-t1", "draft-t1-topk-minp-penalties"])
 @pytest.mark.parametrize("rule", ["rejection", "broken"])
 def test_sampled_tokens_keep_the_models_distribution(peaked, proposer, filters, rule):
     d, kw, plain, prompt, plain_samples = peaked
