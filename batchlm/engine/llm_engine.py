@@ -7,10 +7,11 @@ drive it through add_request / step / has_unfinished_requests /
 abort_request; `batchlm.LLM` wraps it for whole batches.
 
 With `speculative_config`, a step first gives every running decode its
-proposals (seq.spec_token_ids: NgramProposer, or DraftProposer in draft.py); the scheduler runs them with its last token,
-the LogitsPlan gives that sequence one row per position, and `_sample` keeps
-the accepted prefix plus one token (greedy: equal to the argmax; sampling:
-rejection sampling in the sampler), then `Scheduler.accept_speculation`.
+proposals (seq.spec_token_ids, from NgramProposer or DraftProposer in
+draft.py); the scheduler runs them after its last token, the LogitsPlan
+gives that sequence one row per position, and `_sample` keeps the accepted
+prefix plus one token (greedy: equal to the argmax; sampling: rejection
+sampling in the sampler), then calls `Scheduler.accept_speculation`.
 
 Bad requests never raise out of `step`: a request that cannot run (empty
 prompt, prompt longer than max_model_len, larger than the whole KV cache)
