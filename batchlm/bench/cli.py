@@ -69,6 +69,9 @@ def _add_throughput(sub) -> None:
     data.add_argument("--chat", nargs="?", const="summarize", choices=["summarize", "raw"],
                       help="wrap each dataset text in the chat template, inside the "
                            "summarization instruction (default) or as is (raw)")
+    data.add_argument("--task", choices=["summarize", "rewrite"], default="summarize",
+                      help="the default workload's instruction: summarize the passage, or rewrite it "
+                           "keeping its wording (input-grounded: where n-gram speculation pays)")
     data.add_argument("--input-len", type=int, help="synthetic raw prompts of this many tokens")
     data.add_argument("--output-len", type=int, help="exactly this many new tokens (ignore eos)")
     data.add_argument("--prompt-len-range", type=int, nargs=2, default=[100, 600], metavar=("MIN", "MAX"))

@@ -35,7 +35,7 @@ def build_workload(args, tokenizer):
         return wl.fixed_length_workload(tokenizer, n, args.input_len, args.output_len,
                                         args.max_tokens, args.seed)
     lo, hi = args.prompt_len_range
-    work = wl.summarization_workload(tokenizer, n, lo, hi, args.max_tokens, args.seed)
+    work = wl.summarization_workload(tokenizer, n, lo, hi, args.max_tokens, args.seed, args.task)
     if args.output_len is not None:
         return wl.Workload(work.prompts, args.output_len, True,
                            work.description.split(", up to")[0] + f", exactly {args.output_len} new tokens")

@@ -23,6 +23,13 @@ SUMMARIZE_INSTRUCTION = (
     "Summarize the following passage from the Python documentation in a few "
     "sentences, for a programmer who has not read it.\n\n{text}"
 )
+# An input-grounded task (the output copies long spans of the prompt): where
+# speculative decoding by prompt lookup pays most.
+REWRITE_INSTRUCTION = (
+    "Rewrite the following passage from the Python documentation as plain text, "
+    "keeping its wording and every detail.\n\n{text}"
+)
+INSTRUCTIONS = {"summarize": SUMMARIZE_INSTRUCTION, "rewrite": REWRITE_INSTRUCTION}
 
 
 @dataclass(frozen=True)
@@ -120,18 +127,23 @@ def _fit(corpus: _Corpus, rng: random.Random, wrap, target: int, lo: int, hi: in
 
 def summarization_workload(tokenizer, num_prompts: int = 128, min_len: int = 100,
                            max_len: int = 600, max_tokens: int = 128,
-                           seed: int = 0) -> Workload:
+                           seed: int = 0, task: str = "summarize") -> Workload:
     """The standard workload: chat-formatted summarization prompts whose total
-    length (template included) is drawn uniformly from [min_len, max_len]."""
+    length (template included) is drawn uniformly from [min_len, max_len].
+    task="rewrite": the same passages inside REWRITE_INSTRUCTION instead."""
+    if task not in INSTRUCTIONS:
+        raise ValueError(f"task must be one of {', '.join(INSTRUCTIONS)}, got {task!r}")
     if not 1 <= min_len <= max_len:
         raise ValueError(f"prompt length range must satisfy 1 <= min <= max, got [{min_len}, {max_len}]")
     rng = random.Random(seed)
     corpus = _Corpus(tokenizer)
-    wrap = lambda text: _chat_ids(tokenizer, SUMMARIZE_INSTRUCTION.format(text=text))  # noqa: E731
+    instruction = INSTRUCTIONS[task]
+    wrap = lambda text: _chat_ids(tokenizer, instruction.format(text=text))  # noqa: E731
     prompts = [_fit(corpus, rng, wrap, rng.randint(min_len, max_len), min_len, max_len)
                for _ in range(num_prompts)]
+    name = "summarization" if task == "summarize" else task
     return Workload(prompts, max_tokens, False,
-                    f"{num_prompts} chat summarization prompts, {min_len}-{max_len} prompt tokens, "
+                    f"{num_prompts} chat {name} prompts, {min_len}-{max_len} prompt tokens, "
                     f"up to {max_tokens} new tokens, greedy")
 
 

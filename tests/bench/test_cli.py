@@ -12,6 +12,7 @@ def test_throughput_defaults():
     assert args.model == "smollm2-135m-instruct" and args.dtype == "auto" and args.quantization is None
     assert args.num_prompts is None and args.max_tokens == 128 and args.prompt_len_range == [100, 600]
     assert args.hf_batch_sizes == [1, 8, 16, 32] and args.baseline is None and args.repeats == 1
+    assert args.task == "summarize" and args.speculative_config is None
     assert args.func is cli._run_throughput
 
 
@@ -21,6 +22,11 @@ def test_throughput_options():
          "--hf-batch-sizes", "8,16", "--no-prefix-caching", "--json", "out.json", "--num-prompts", "4"])
     assert args.chat == "summarize" and args.hf_batch_sizes == [8, 16] and args.no_prefix_caching
     assert cli.build_parser().parse_args(["bench", "throughput", "--chat", "raw"]).chat == "raw"
+    args = cli.build_parser().parse_args(["bench", "throughput", "--task", "rewrite", "--speculative-config",
+                                          '{"method": "ngram", "num_speculative_tokens": 4}'])
+    assert args.task == "rewrite" and args.speculative_config == {"method": "ngram", "num_speculative_tokens": 4}
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["bench", "throughput", "--speculative-config", "[1]"])
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["bench", "throughput", "--hf-batch-sizes", "0,x"])
 

@@ -43,3 +43,11 @@ def test_dataset_jsonl_chat_modes(tiny_tokenizer, tmp_path):
         wl.read_texts(path)
     with pytest.raises(FileNotFoundError):
         wl.read_texts(tmp_path / "missing.jsonl")
+
+
+def test_rewrite_task_wraps_the_same_passages(tiny_tokenizer):
+    a = wl.summarization_workload(tiny_tokenizer, 4, 100, 300, max_tokens=16, seed=1, task="rewrite")
+    assert tiny_tokenizer.decode(a.prompts[0]).startswith("<|im_start|>user\nRewrite")
+    assert "4 chat rewrite prompts" in a.description
+    with pytest.raises(ValueError, match="task must be one of summarize, rewrite"):
+        wl.summarization_workload(tiny_tokenizer, 2, 100, 300, task="extract")
