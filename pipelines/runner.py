@@ -236,7 +236,7 @@ class PreparedJob:
 
 
 def check_model(cfg: JobConfig) -> None:
-    """The model resolves and has a config, in the driver, before any actor starts."""
+    """The model (and a draft model) resolves and has a config, in the driver, before any actor starts."""
     from batchlm.models.loader import load_config
     from batchlm.models.resolve import resolve_model
 
@@ -245,6 +245,12 @@ def check_model(cfg: JobConfig) -> None:
         load_config(model_dir)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.name: {e}") from None
+    spec = cfg.model.speculative_config
+    if spec and spec.get("method") == "draft":  # the draft model too (its shape is already validated)
+        try:
+            load_config(resolve_model(spec["model"], weights=False)[0])
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.speculative_config.model: {e}") from None
 
 
 def prepare(cfg: JobConfig) -> PreparedJob:

@@ -27,6 +27,7 @@ def _one_line_exit_2(p, expect: str) -> None:
 
 @pytest.mark.parametrize("case,expect", [
     ("model_typo", "model.name: model 'smollm2-135m-instruc': no such file"),
+    ("draft_typo", "model.speculative_config.model: model 'no-such-draft': no such file"),
     ("no_id_column", "input.id_column: no column(s) 'ID'"),
     ("jsonl_as_parquet", "cannot be read: Parquet magic bytes not found"),
     ("bad_storage_option", "a storage option is not one the filesystem accepts"),
@@ -36,6 +37,9 @@ def test_problems_found_before_ray_starts(tmp_path, tiny_model, case, expect):
     job = tiny_job(tiny_model, str(out))
     if case == "model_typo":
         job["model"]["name"] = "smollm2-135m-instruc"
+    elif case == "draft_typo":
+        job["model"]["speculative_config"] = {"method": "draft", "model": "no-such-draft",
+                                              "num_speculative_tokens": 3}
     elif case == "no_id_column":
         job["input"]["id_column"] = "ID"
     elif case == "jsonl_as_parquet":
