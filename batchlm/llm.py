@@ -7,10 +7,16 @@
 `generate` and `chat` return one RequestOutput per prompt, in input order;
 `classify` returns one ClassificationOutput per prompt. A prompt that cannot
 run comes back with `.error` set instead of raising, and the rest completes.
+
+`on_finished` (optional, keyword-only, on all three): called in this thread with
+each request's engine output as the engine finishes it (a RequestOutput; for
+`classify` the scoring output, with `.prompt_token_ids` and `.error`), so a
+caller can report progress from inside one long call.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 from batchlm.config import EngineConfig
@@ -49,7 +55,7 @@ class LLM:
 
     # ---- generation ------------------------------------------------------------
     def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, *, on_finished: Callable | None = None) -> list[RequestOutput]:
         if isinstance(prompts, str) or _is_token_list(prompts):
             prompts = [prompts]
         prompts = list(prompts)
@@ -59,10 +65,11 @@ class LLM:
             rid = self._new_id()
             self.engine.add_request(rid, prompt, p)
             ids.append(rid)
-        return self._run(ids, use_tqdm)
+        return self._run(ids, use_tqdm, on_finished)
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
-             chat_template: str | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
+             chat_template: str | None = None, add_generation_prompt: bool = True, *,
+             on_finished: Callable | None = None) -> list[RequestOutput]:
         """Generate for one conversation (a list of {role, content} dicts) or a
         list of them, after applying the model's chat template."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
@@ -73,7 +80,7 @@ class LLM:
             rid = self._new_id()
             self.engine.add_request(rid, text, p, prompt_token_ids=self.engine.tokenize(text, False))
             ids.append(rid)
-        return self._run(ids, use_tqdm)
+        return self._run(ids, use_tqdm, on_finished)
 
     def apply_chat_template(self, conversation, chat_template: str | None = None,
                             add_generation_prompt: bool = True) -> str:
@@ -84,7 +91,8 @@ class LLM:
                                        add_generation_prompt=add_generation_prompt)
 
     def classify(self, prompts, labels: Seq[str], use_tqdm: bool = True,
-                 add_special_tokens: bool = True) -> list[ClassificationOutput]:
+                 add_special_tokens: bool = True, *,
+                 on_finished: Callable | None = None) -> list[ClassificationOutput]:
         """Probability of each label after each prompt, from the model's
         log-likelihood of the label's tokens as a continuation (multi-token
         labels: the sum over their tokens), normalised over the labels."""
@@ -100,7 +108,7 @@ class LLM:
             ids = self.engine.tokenize(prompt, add_special_tokens) if isinstance(prompt, str) and prompt else []
             self.engine.add_score_request(rid, ids, label_ids)
             rids.append(rid)
-        scores = self._run(rids, use_tqdm)
+        scores = self._run(rids, use_tqdm, on_finished)
         out = []
         for prompt, s in zip(prompts, scores):
             if s.error is not None:
@@ -129,7 +137,7 @@ class LLM:
             raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
         return params
 
-    def _run(self, request_ids: list[str], use_tqdm: bool):
+    def _run(self, request_ids: list[str], use_tqdm: bool, on_finished: Callable | None = None):
         results = {}
         bar = None
         if use_tqdm:
@@ -139,6 +147,8 @@ class LLM:
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():
                 results[out.request_id] = out
+                if on_finished is not None:
+                    on_finished(out)
                 if bar is not None:
                     bar.update(1)
         if bar is not None:
