@@ -6,7 +6,8 @@ Contract
   pydantic are imported inside the handlers.
 - `register(subparsers)` adds `run`, `validate` and `status`, each with
   `set_defaults(func=handler)`; `handler(args) -> exit code`.
-- Exit codes: 0 done; 1 a row failed with `on_error: fail`, or the run ended
+- Exit codes: 0 done; 1 a row failed with `on_error: fail`, a stage failed
+  (one line naming the root exception and the units not committed), or the run ended
   incomplete; 2 a config or input problem, printed as one message without a
   traceback; 130 interrupted by SIGINT (Ctrl-C), 143 by SIGTERM: both stop
   the run the same way (Ray shut down, the lease released, what was
@@ -37,6 +38,8 @@ def register(sub) -> None:
     _add_config_args(p)
     p.add_argument("--overwrite", action="store_true",
                    help="discard an existing output written with another config")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's own log lines (quiet by default) and its workers' output")
     p.set_defaults(func=run_command)
 
     p = sub.add_parser("validate", help="check a config and its input without generating")
@@ -53,7 +56,7 @@ def register(sub) -> None:
 
 
 def _guarded(fn, args) -> int:
-    from batchlm.pipelines.errors import ConfigError, RowFailed
+    from batchlm.pipelines.errors import ConfigError, RowFailed, StageFailed
 
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
@@ -61,7 +64,7 @@ def _guarded(fn, args) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except RowFailed as e:
+    except (RowFailed, StageFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
@@ -77,7 +80,7 @@ def run_command(args) -> int:
         from batchlm.pipelines.config import load_config
         from batchlm.pipelines.runner import run_job
 
-        result = run_job(load_config(args.config, args.overrides), overwrite=args.overwrite)
+        result = run_job(load_config(args.config, args.overrides), overwrite=args.overwrite, verbose=args.verbose)
         return 0 if result.complete else 1
 
     return _guarded(go, args)

@@ -2,7 +2,7 @@
 
 Contract
 --------
-`run_job(cfg, overwrite=False, stream=sys.stderr) -> RunResult`
+`run_job(cfg, overwrite=False, stream=sys.stderr, verbose=False) -> RunResult`
 
 1. Before Ray starts (`prepare`): plan the input into work units with each
    file's identity and unique ids (sources.plan_input), check the columns the
@@ -23,6 +23,9 @@ Contract
    failed (a run whose rows all failed is incomplete: exit 1). A crash loses only the units in
    flight; rerunning the command finishes the rest, each row exactly once.
 4. With `output.on_error: fail` the first failed row raises RowFailed.
+5. What the person sees (progress.py): notes as Ray and the engines start, then a live
+   progress line fed by the engines while they generate (live.py), then the summary. Ray's
+   own log lines are quiet unless `verbose` (raylogs.py).
 
 `BATCHLM_UNIT_TRACE=/path` makes every engine actor append one JSON line per
 (unit, rows) it generates: a debugging aid that tests use to prove committed
@@ -41,7 +44,7 @@ import time
 from dataclasses import dataclass, field
 
 from batchlm.pipelines.config import JobConfig, result_fields
-from batchlm.pipelines.errors import ConfigError, RowFailed
+from batchlm.pipelines.errors import ConfigError, RowFailed, StageFailed
 from batchlm.pipelines.lease import Lease
 from batchlm.pipelines.manifest import (SUCCESS, Manifest, ShardFooter, UnitRecord, encode_jsonl_shard, encode_shard,
                                         write_shard)
@@ -98,25 +101,35 @@ def check_columns(cfg: JobConfig, first_rows: list[dict]) -> list[str]:
     return carry
 
 
-def init_ray(cfg: JobConfig) -> bool:
-    """Connects to RAY_ADDRESS or starts a local Ray; True when it started one."""
+def ray_where() -> str:
+    """Where init_ray will run the job, for the start-up note."""
+    address = os.environ.get("RAY_ADDRESS")
+    return f"the Ray cluster at {address}" if address else f"a local Ray ({os.cpu_count() or 1} CPUs)"
+
+
+def init_ray(cfg: JobConfig, verbose: bool = False) -> bool:
+    """Connects to RAY_ADDRESS or starts a local Ray; True when it started one. Ray's own log
+    lines are quiet unless `verbose` (raylogs.py)."""
     import ray
 
-    logging.getLogger("ray").setLevel(logging.WARNING)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    from batchlm.pipelines import raylogs
+
+    opts = raylogs.init_kwargs(verbose)
+    logging.getLogger("ray").setLevel(opts["logging_level"])
     if ray.is_initialized():
         return False
     # NOTE: ray.init installs its own SIGTERM handler (exit 1 with stack dumps); the CLI's handler,
     # which stops the run like Ctrl-C, is put back afterwards.
     on_term = signal.getsignal(signal.SIGTERM)
     try:
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(logging_level=logging.WARNING)
-            return False
-        ncpu = os.cpu_count() or 1
-        # address="local": always a fresh embedded Ray, never a `ray start` cluster found on this machine
-        ray.init(address="local", num_cpus=ncpu, num_gpus=_local_gpus(), include_dashboard=False,
-                 log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
+        with raylogs.quiet_init(verbose):
+            if os.environ.get("RAY_ADDRESS"):
+                ray.init(**opts)
+                return False
+            ncpu = os.cpu_count() or 1
+            # address="local": always a fresh embedded Ray, never a `ray start` cluster found on this machine
+            ray.init(address="local", num_cpus=ncpu, num_gpus=_local_gpus(), include_dashboard=False,
+                     configure_logging=True, **opts)
         return True
     finally:
         if threading.current_thread() is threading.main_thread() and on_term is not None:
@@ -147,10 +160,13 @@ def check_resources(cfg: JobConfig) -> None:
 
 
 def build_dataset(cfg: JobConfig, todo: list[Unit], carry: list[str], trace_path: str | None,
-                  duplicates: dict[str, str] | None = None):
+                  duplicates: dict[str, str] | None = None, progress_sink=None, verbose: bool = False):
     import ray
     import ray.data
 
+    from batchlm.pipelines.raylogs import quiet_ray_data
+
+    quiet_ray_data(verbose)
     ctx = ray.data.DataContext.get_current()
     # NOTE: our own progress line replaces Ray Data's per-operator bars.
     ctx.enable_progress_bars = False
@@ -186,7 +202,7 @@ def build_dataset(cfg: JobConfig, todo: list[Unit], carry: list[str], trace_path
             engine_kwargs=cfg.model.engine_kwargs(), params=cfg.sampling.params(), task_type=cfg.task.type,
             labels=[lb.name for lb in cfg.task.labels or []], chat_template=cfg.task.chat_template,
             on_long_prompt=cfg.task.on_long_prompt,
-            threads=threads, trace_path=trace_path))
+            threads=threads, trace_path=trace_path, progress_sink=progress_sink))
 
 
 class _UnitBuffer:
@@ -253,7 +269,9 @@ def check_model(cfg: JobConfig) -> None:
             raise ConfigError(f"model.speculative_config.model: {e}") from None
 
 
-def prepare(cfg: JobConfig) -> PreparedJob:
+def prepare(cfg: JobConfig, stream=None) -> PreparedJob:
+    """The plan and every check before Ray; the first line goes to `stream` once the input is known
+    good (within a second or two), before the slower model check."""
     plan = plan_input(cfg.input, cfg.output.rows_per_shard)
     if cfg.input.format == "openai_batch":  # the requests are the task: no prompt columns to check
         from batchlm.pipelines.openai_requests import find_duplicates
@@ -261,6 +279,9 @@ def prepare(cfg: JobConfig) -> PreparedJob:
         carry, duplicates = [], find_duplicates(cfg.input, plan.units)
     else:
         carry, duplicates = check_columns(cfg, read_unit(cfg.input, plan.units[0])), {}
+    if stream is not None:
+        print(f"batchlm run: {plan.total_rows} rows in {len(plan.units)} units from {cfg.input.path}; "
+              f"checking the model {cfg.model.name}", file=stream, flush=True)
     check_model(cfg)
     expected = Expected(result_fields(cfg), plan_fingerprint(plan.units), len(plan.units), plan.total_rows,
                         dict(plan.files), tuple(u.name for u in plan.units), cfg.output_format)
@@ -301,18 +322,26 @@ class Committer:
 
 
 def _stream(cfg: JobConfig, job: PreparedJob, todo: list[Unit], committer: Committer, progress: Progress,
-            examples: list[str]) -> int:
+            examples: list[str], verbose: bool = False) -> int:
     """Runs the uncommitted units through Ray Data and commits each as it completes; rows generated."""
+    from batchlm.pipelines.live import LiveFeed, start_sink
+
     id_name = id_column_name(cfg)
     generated = 0
-    started_ray = init_ray(cfg)
+    progress.note(f"starting {ray_where()}")
+    started_ray = init_ray(cfg, verbose)
+    feed = None
     try:
         check_resources(cfg)
-        ds = build_dataset(cfg, todo, job.carry, os.environ.get("BATCHLM_UNIT_TRACE"), job.duplicates)
+        lo, _ = cfg.resources.replica_range()
+        progress.note(f"loading the model {cfg.model.name} on {lo} engine replica(s)")
+        feed = LiveFeed(start_sink(), progress).start()
+        ds = build_dataset(cfg, todo, job.carry, os.environ.get("BATCHLM_UNIT_TRACE"), job.duplicates, feed.sink,
+                           verbose)
         buffer = _UnitBuffer({u.index: u.num_rows for u in todo})
         batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
         try:
-            for batch in batches:
+            for batch in _batches(batches, todo, committer):
                 failed = _first_error(batch, id_name) if cfg.output.on_error == "fail" else None
                 if failed:
                     raise RowFailed(*failed)
@@ -326,11 +355,26 @@ def _stream(cfg: JobConfig, job: PreparedJob, todo: list[Unit], committer: Commi
         finally:
             _close_iterator(batches)
     finally:
+        if feed is not None:
+            feed.stop()
+        progress.close()
         if started_ray:
             import ray
 
             ray.shutdown()
     return generated
+
+
+def _batches(batches, todo: list[Unit], committer: Committer):
+    """The result batches; a stage's failure becomes StageFailed, one line naming the units not committed."""
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:  # Ray's and Ray Data's errors carry the stage's exception as their cause
+            raise StageFailed([u.index for u in todo if u.index not in committer.manifest.units], e) from e
+        yield batch
 
 
 def _close_iterator(batches, timeout: float = 10.0) -> None:
@@ -349,12 +393,12 @@ def _close_iterator(batches, timeout: float = 10.0) -> None:
             t.join(max(0.0, deadline - time.monotonic()))
 
 
-def run_job(cfg: JobConfig, overwrite: bool = False, stream=None) -> RunResult:
+def run_job(cfg: JobConfig, overwrite: bool = False, stream=None, verbose: bool = False) -> RunResult:
     stream = stream or sys.stderr
     t0 = time.monotonic()
     store = Store(cfg.output.path, cfg.output.storage_options)
     check_location(store, cfg.input.path)
-    job = prepare(cfg)
+    job = prepare(cfg, stream)
     store.ensure_root()
     lease = Lease(store)
     took_over = lease.acquire()
@@ -366,14 +410,14 @@ def run_job(cfg: JobConfig, overwrite: bool = False, stream=None) -> RunResult:
         manifest.runs.append({"started": time.time(), "units_skipped": len(plan) - len(todo),
                               "units_todo": len(todo)})
         manifest.save(store)
-        print(f"batchlm run: {job.plan.total_rows} rows in {len(plan)} units; {len(plan) - len(todo)} units "
-              f"already committed; output {store.where()}", file=stream)
+        print(f"batchlm run: {len(plan) - len(todo)} units already committed, {len(todo)} to do; "
+              f"output {store.where()}", file=stream, flush=True)
         for note in ([took_over] if took_over else []) + opened.notes:
             print(f"batchlm run: {note}", file=stream)
-        progress = Progress(job.plan.total_rows, manifest.rows_done, stream)
+        progress = Progress(job.plan.total_rows, manifest.rows_done, stream, engines=cfg.resources.replica_range()[0])
         examples: list[str] = []
         committer = Committer(store, manifest, job.expected, cfg.output.compression, lease)
-        generated = _stream(cfg, job, todo, committer, progress, examples) if todo else 0
+        generated = _stream(cfg, job, todo, committer, progress, examples, verbose) if todo else 0
         return _finish(store, manifest, job, generated, examples, progress, time.monotonic() - t0, stream)
     finally:
         lease.release()

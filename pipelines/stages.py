@@ -18,6 +18,8 @@ passes through untouched):
   last tokens), runs generate/classify over the whole batch and returns the
   rows with __prompt/__system/__error replaced by the output columns.
   A rejected request (RequestOutput.error) becomes that row's `error`.
+  With a `progress_sink` it reports its start-up and each finished row to the
+  driver while the batch is still generating (live.StageReporter).
 """
 from __future__ import annotations
 
@@ -95,7 +97,10 @@ class EngineStage:
 
     def __init__(self, engine_kwargs: dict, params, task_type: str, labels: list[str] | None,
                  chat_template: bool | None, on_long_prompt: str, threads: int | None,
-                 trace_path: str | None = None):
+                 trace_path: str | None = None, progress_sink=None):
+        from batchlm.pipelines.live import StageReporter
+
+        t0 = time.monotonic()
         if threads:
             import torch
 
@@ -109,6 +114,8 @@ class EngineStage:
         self.task_type = task_type
         self.labels = labels
         self.trace_path = trace_path
+        self.report = StageReporter(progress_sink)  # live progress to the driver (live.py)
+        self.report.engine_up(time.monotonic() - t0)
 
     def _trace(self, units) -> None:
         trace_units(self.trace_path, units)
@@ -131,6 +138,7 @@ class EngineStage:
                     todo.append(i)
                     inputs.append(ids)
                     out["num_input_tokens"][i] = len(ids)
+        self.report.rows_failed(n - len(todo))
         if self.task_type == "generate":
             self._generate(todo, inputs, out, errors)
         else:
@@ -139,6 +147,7 @@ class EngineStage:
             if errors[i] is not None:
                 out["finish_reason"][i] = "error"
         out["error"] = errors
+        self.report.flush()
         table = batch.drop_columns(list(INTERNAL))
         schema = _output_schema(self.task_type, self.labels)
         for name in output_columns(self.task_type):
@@ -146,7 +155,8 @@ class EngineStage:
         return table
 
     def _generate(self, todo, inputs, out, errors) -> None:
-        results = self.llm.generate(inputs, self.params, use_tqdm=False) if inputs else []
+        results = self.llm.generate(inputs, self.params, use_tqdm=False,
+                                     on_finished=self.report.finished) if inputs else []
         for i, r in zip(todo, results):
             if r.error:
                 errors[i] = r.error
@@ -159,7 +169,8 @@ class EngineStage:
 
     def _classify(self, todo, inputs, out, errors) -> None:
         texts = [self.enc.tok.decode(ids) for ids in inputs]
-        results = self.llm.classify(texts, self.labels, use_tqdm=False) if texts else []
+        results = self.llm.classify(texts, self.labels, use_tqdm=False,
+                                     on_finished=self.report.finished) if texts else []
         for i, r in zip(todo, results):
             if r.error:
                 errors[i] = r.error
