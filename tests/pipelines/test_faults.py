@@ -297,7 +297,7 @@ def _lease_pid(out: Path) -> int | None:
 
 def _kill_at(phase: str, proc, out: Path, log: Path, before: dict, rng: random.Random) -> None:
     ended = lambda: proc.poll() is not None  # noqa: E731
-    started = lambda: "batchlm run:" in _tail(log, 10**6)  # noqa: E731
+    started = lambda: "units already committed" in _tail(log, 10**6)  # noqa: E731 (the line after opening)
     if phase == "early":
         time.sleep(rng.uniform(0.05, 4.0))
     elif phase == "opening":
