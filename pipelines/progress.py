@@ -127,7 +127,7 @@ class Progress:
         if self._bar is None:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=self.total, initial=self.prior, file=self.stream, dynamic_ncols=True,
+            self._bar = tqdm(total=self.total, initial=self.done, desc=text, file=self.stream, dynamic_ncols=True,
                              mininterval=0, bar_format="{desc} |{bar}|", leave=True)
         self._bar.n = self.done
         self._bar.set_description_str(text, refresh=False)
