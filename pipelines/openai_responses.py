@@ -23,7 +23,8 @@ Contract
   `LLM.chat` does), completions as raw text or token ids. The engine's own
   length and empty-prompt rules decide what it refuses. It returns the rows
   with `__request` replaced by LINE_COLUMN (the JSON line), `error`,
-  `num_input_tokens` and `num_output_tokens`.
+  `num_input_tokens` and `num_output_tokens`. With a `progress_sink` it reports
+  each finished request to the driver while generating (live.StageReporter).
 """
 from __future__ import annotations
 
@@ -111,7 +112,11 @@ def output_schema():
 class BatchEngineStage:
     """Ray Data actor UDF for openai_batch: one engine per actor, a whole batch per engine call."""
 
-    def __init__(self, engine_kwargs: dict, threads: int | None, trace_path: str | None = None):
+    def __init__(self, engine_kwargs: dict, threads: int | None, trace_path: str | None = None,
+                 progress_sink=None):
+        from batchlm.pipelines.live import StageReporter
+
+        t0 = time.monotonic()
         if threads:
             import torch
 
@@ -122,6 +127,8 @@ class BatchEngineStage:
         self.tok = self.llm.get_tokenizer()
         self.vocab = int(self.llm.engine.hf_config.vocab_size)
         self.trace_path = trace_path
+        self.report = StageReporter(progress_sink)  # live progress to the driver (live.py)
+        self.report.engine_up(time.monotonic() - t0)
 
     def _prompt(self, req: Request):
         """The engine's prompt (text or token ids) for a request; ValueError naming why it cannot run."""
@@ -162,7 +169,10 @@ class BatchEngineStage:
                 continue
             todo.append(i)
             params.append(SamplingParams(**req.params))
-        results = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        self.report.rows_failed(n - len(todo))
+        results = self.llm.generate(prompts, params, use_tqdm=False,
+                                    on_finished=self.report.finished) if prompts else []
+        self.report.flush()
         created = int(time.time())
         for i, r in zip(todo, results):
             req = reqs[i]

@@ -192,7 +192,8 @@ def build_dataset(cfg: JobConfig, todo: list[Unit], carry: list[str], trace_path
             input_cfg=cfg.input, duplicates=duplicates or {}, default_model=cfg.model.name,
             id_name=id_column_name(cfg)))
         return ds.map_batches(BatchEngineStage, **engine, fn_constructor_kwargs=dict(
-            engine_kwargs=cfg.model.engine_kwargs(), threads=threads, trace_path=trace_path))
+            engine_kwargs=cfg.model.engine_kwargs(), threads=threads, trace_path=trace_path,
+            progress_sink=progress_sink))
     ds = ds.map_batches(
         read_render, **read,
         fn_kwargs=dict(input_cfg=cfg.input, task_cfg=cfg.task, id_name=id_column_name(cfg), carry=carry))
