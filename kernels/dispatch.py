@@ -1,18 +1,44 @@
-"""The one place that picks a kernel implementation for a device."""
+"""The one place that picks a kernel implementation for a device.
+
+CUDA tensors go to the Triton kernels (when triton is installed), CPU
+tensors to the PyTorch references. `name="triton"` forces Triton; on the CPU
+that runs Triton's interpreter, which needs TRITON_INTERPRET=1 in the
+environment before the kernels are imported.
+"""
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import torch
 
 from batchlm.kernels.attention import TorchPagedAttention
 
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+
 
 def get_attention_backend(device: torch.device | str, name: str | None = None):
     """Return the paged-attention backend for `device`.
 
-    name: None/"auto" picks the best available; "torch" forces the PyTorch
-    reference. Triton backends register here once written (separate issue).
+    name: None/"auto" picks Triton on CUDA when triton is installed, else the
+    PyTorch reference; "torch" or "triton" forces one.
     """
     name = name or "auto"
-    if name not in ("auto", "torch"):
-        raise ValueError(f"attention backend must be 'auto' or 'torch', got {name!r}")
-    return TorchPagedAttention()
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
+    device = torch.device(device)
+    if name == "torch" or (name == "auto" and (device.type != "cuda" or not _triton_installed())):
+        return TorchPagedAttention()
+    if not _triton_installed():
+        raise ValueError("attention_backend='triton' needs the triton package: pip install 'batchlm[triton]'")
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("attention_backend='triton' on the CPU runs Triton's interpreter: set "
+                         "TRITON_INTERPRET=1 in the environment before starting (or use "
+                         "attention_backend='torch')")
+    from batchlm.kernels.triton_attention import TritonPagedAttention
+
+    return TritonPagedAttention(device)
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
