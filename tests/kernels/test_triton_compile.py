@@ -20,7 +20,8 @@ import pytest
 pytest.importorskip("triton")
 
 SCRIPT = Path(__file__).with_name("triton_aot.py")
-KERNELS = {"_write_kv_kernel", "_decode_split_kernel", "_decode_reduce_kernel", "_prefill_kernel"}
+KERNELS = {"_write_kv_kernel", "_decode_split_kernel", "_decode_reduce_kernel", "_prefill_kernel",
+           "_add_rms_norm_kernel", "_rotary_kernel", "_silu_and_mul_kernel"}
 
 
 def aot(*args) -> list[dict]:

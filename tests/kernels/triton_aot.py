@@ -23,10 +23,12 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from batchlm.kernels import triton_attention as ta  # noqa: E402
+from batchlm.kernels import triton_layers as tk  # noqa: E402
 
-# (num_heads, num_kv_heads, head_dim): the default model (SmolLM2-135M, GQA
-# 3, head dim 64) and a Llama-3-8B-like one (GQA 4, head dim 128).
-MODEL_SHAPES = [(9, 3, 64), (32, 8, 128)]
+# (num_heads, num_kv_heads, head_dim, hidden, intermediate): the default
+# model (SmolLM2-135M, GQA 3, head dim 64) and a Llama-3-8B-like one (GQA 4,
+# head dim 128).
+MODEL_SHAPES = [(9, 3, 64, 576, 1536), (32, 8, 128, 4096, 14336)]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -39,13 +41,15 @@ def small_dot_kernel(x_ptr, y_ptr, B: tl.constexpr):
 
 def configs(dtype):
     seen, out = set(), []
-    for H, KVH, D in MODEL_SHAPES:
+    for H, KVH, D, hidden, inter in MODEL_SHAPES:
+        per_shape = tk.launch_configs(hidden, D, D, inter, dtype)
         for bs in ta.SUPPORTED_BLOCK_SIZES:
-            for cfg in ta.launch_configs(H, KVH, D, bs, dtype):
-                key = (cfg.kernel.__name__, repr(sorted(cfg.signature.items())), repr(sorted(cfg.constexprs.items())))
-                if key not in seen:
-                    seen.add(key)
-                    out.append(cfg)
+            per_shape += ta.launch_configs(H, KVH, D, bs, dtype)
+        for cfg in per_shape:
+            key = (cfg.kernel.__name__, repr(sorted(cfg.signature.items())), repr(sorted(cfg.constexprs.items())))
+            if key not in seen:
+                seen.add(key)
+                out.append(cfg)
     return out
 
 
