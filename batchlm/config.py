@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from batchlm.kernels.dispatch import ATTENTION_BACKENDS
 from batchlm.quantization.config import parse_quantization
 from batchlm.speculative.config import parse_speculative_config
 
@@ -27,7 +28,7 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes for the KV cache (CPU); None: device default
     gpu_memory_utilization: float = 0.9
     seed: int = 0
-    attention_backend: str = "auto"
+    attention_backend: str = "auto"  # auto (CUDA: triton, CPU: torch) | torch | triton (kernels/dispatch.py)
     # None, "int8", "int8_dynamic", "int4", "int4_g32|64|128", "fp8", or a dict
     # {"method", "group_size", "lm_head"} (batchlm/quantization/config.py).
     quantization: str | dict[str, Any] | None = None
@@ -59,5 +60,7 @@ class EngineConfig:
             bad("kv_cache_memory", "> 0 bytes")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             bad("gpu_memory_utilization", "in (0, 1]")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            bad("attention_backend", "one of " + ", ".join(ATTENTION_BACKENDS))
         parse_quantization(self.quantization)  # raises ValueError naming the field
         parse_speculative_config(self.speculative_config)  # likewise

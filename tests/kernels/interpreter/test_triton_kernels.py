@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 
+from batchlm.config import EngineConfig
 from batchlm.kernels import AttentionMetadata, TorchPagedAttention, get_attention_backend
 from batchlm.kernels import triton_attention as ta
 
@@ -138,6 +139,8 @@ def test_forward_is_the_kernels_and_matches_reference():
 
 
 def test_dispatch(monkeypatch):
+    with pytest.raises(ValueError, match="attention_backend must be one of auto, torch, triton"):
+        EngineConfig(attention_backend="flash")
     assert isinstance(get_attention_backend("cpu"), TorchPagedAttention)
     assert isinstance(get_attention_backend("cpu", "torch"), TorchPagedAttention)
     monkeypatch.delenv("TRITON_INTERPRET")
