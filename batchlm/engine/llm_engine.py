@@ -51,7 +51,7 @@ class LLMEngine:
         self.spec_stats = SpecStats()
         device, dtype, kv_dtype = resolve_resources(config)
         self.device = device
-        attention = get_attention_backend(device, config.attention_backend)
+        attention = get_attention_backend(device, config.attention_backend, kv_dtype)
         loaded = load_model(config.model, dtype, device, attention, config.quantization)
         self.loaded = loaded  # what was loaded: quantization, kernel plan, weight source
         self.model = loaded.module

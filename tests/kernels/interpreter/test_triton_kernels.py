@@ -143,6 +143,10 @@ def test_dispatch(monkeypatch):
         EngineConfig(attention_backend="flash")
     assert isinstance(get_attention_backend("cpu"), TorchPagedAttention)
     assert isinstance(get_attention_backend("cpu", "torch"), TorchPagedAttention)
+    # an fp8 cache: auto keeps the reference even on CUDA; forcing triton names the problem
+    assert isinstance(get_attention_backend("cuda", "auto", torch.float8_e4m3fn), TorchPagedAttention)
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        get_attention_backend("cpu", "triton", torch.float8_e4m3fn)
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         get_attention_backend("cpu", "triton")
