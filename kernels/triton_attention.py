@@ -297,6 +297,7 @@ def launch_configs(num_heads: int, num_kv_heads: int, head_dim: int, block_size:
 
     def sig(kernel, types, consts):
         names = kernel.arg_names
+        assert len(types) + len(consts) == len(names), f"{kernel.__name__}: signature out of date"
         types = dict(zip(names, types))
         types.update({n: "constexpr" for n in consts})
         return types

@@ -126,6 +126,7 @@ def launch_configs(hidden: int, head_dim: int, rot_dim: int, intermediate: int,
     act = "*" + _TRITON_DTYPES[dtype]
 
     def cfg(kernel, types, consts, warps=4):
+        assert len(types) + len(consts) == len(kernel.arg_names), f"{kernel.__name__}: signature out of date"
         sig = dict(zip(kernel.arg_names, types))
         sig.update({n: "constexpr" for n in consts})
         return LaunchConfig(kernel, sig, consts, warps)
