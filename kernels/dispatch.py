@@ -1,9 +1,12 @@
 """The one place that picks a kernel implementation for a device.
 
-CUDA tensors go to the Triton kernels (when triton is installed), CPU
-tensors to the PyTorch references. `name="triton"` forces Triton; on the CPU
-that runs Triton's interpreter, which needs TRITON_INTERPRET=1 in the
-environment before the kernels are imported.
+`auto` (the default) picks the PyTorch reference on every device for now:
+the Triton kernels are checked under Triton's interpreter and compiled for
+sm_80/sm_90 ahead of time, but no GPU has run them yet, so they are opt-in
+(`name="triton"`) until the GPU test module has passed on a card; then auto
+sends CUDA tensors to Triton (AUTO_TRITON_ON_CUDA). On the CPU "triton" runs
+Triton's interpreter, which needs TRITON_INTERPRET=1 in the environment
+before the kernels are imported.
 """
 from __future__ import annotations
 
@@ -17,6 +20,9 @@ from batchlm.kernels.attention import TorchPagedAttention
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
 
+# Whether auto sends CUDA tensors to Triton: off until the kernels have run on a GPU (see above).
+AUTO_TRITON_ON_CUDA = False
+
 # KV-cache dtypes the Triton attention reads (an fp8 cache stays on the reference).
 TRITON_CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -25,17 +31,17 @@ def get_attention_backend(device: torch.device | str, name: str | None = None,
                           kv_cache_dtype: torch.dtype | None = None):
     """Return the paged-attention backend for `device`.
 
-    name: None/"auto" picks Triton on CUDA when triton is installed and the
-    cache dtype is one it reads, else the PyTorch reference; "torch" or
-    "triton" forces one.
+    name: None/"auto" picks the PyTorch reference (Triton on CUDA once
+    AUTO_TRITON_ON_CUDA, when triton is installed and the cache dtype is one
+    it reads); "torch" or "triton" forces one.
     """
     name = name or "auto"
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
     device = torch.device(device)
     triton_cache = kv_cache_dtype is None or kv_cache_dtype in TRITON_CACHE_DTYPES
-    if name == "torch" or (name == "auto" and (device.type != "cuda" or not triton_cache
-                                               or not _triton_installed())):
+    if name == "torch" or (name == "auto" and (not AUTO_TRITON_ON_CUDA or device.type != "cuda"
+                                               or not triton_cache or not _triton_installed())):
         return TorchPagedAttention()
     if not triton_cache:
         raise ValueError(f"attention_backend='triton' reads KV caches in float32, bfloat16 or float16, "
