@@ -47,7 +47,7 @@ def load_llamacpp(gguf_path: str, n_ctx: int, threads: int):
     import llama_cpp
 
     return llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads,
-                           n_threads_batch=threads, n_batch=512, logits_all=False, verbose=False)
+                           n_threads_batch=threads, n_batch=min(512, n_ctx), logits_all=False, verbose=False)
 
 
 def _generate(llm, prompt: list[int], max_tokens: int, stop: set[int]) -> tuple[list[int], float, float]:

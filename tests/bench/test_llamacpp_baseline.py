@@ -29,7 +29,8 @@ def test_llama_cpp_greedy_agrees_with_batchlm_int4_on_the_same_blocks():
 
     llm = LLM(quantization="int4", max_model_len=512)
     tok = llm.get_tokenizer()
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                           tokenize=False), add_special_tokens=False)["input_ids"]
                for q in ("What is the capital of France?", "Name three primary colors.",
                          "Write one sentence about the sea.", "What is 2 + 2?")]
     run = run_llamacpp(str(gguf_source("smollm2-135m-instruct")), prompts, 8, True, 2)
