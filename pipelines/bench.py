@@ -100,12 +100,11 @@ def _bare(cfg, rows: int) -> tuple[float, int]:
 
         torch.set_num_threads(max(1, int(cfg.resources.cpus_per_replica)))
     llm = LLM(**cfg.model.engine_kwargs())
-    enc = PromptEncoder(llm.get_tokenizer(), int(llm.max_model_len), cfg.task.chat_template,
-                        cfg.task.on_long_prompt, cfg.sampling.max_tokens)
+    enc = PromptEncoder.for_task(llm.get_tokenizer(), int(llm.max_model_len), cfg.task, cfg.sampling.max_tokens)
     prompts = []
     for row in data:
         prompt, system, err = template.render(row)
-        ids, err = enc.prepare(prompt, system) if not err else (None, err)
+        ids = enc.encode(prompt, system).ids if not err else None
         if ids is not None:
             prompts.append(ids)
     t0 = time.monotonic()

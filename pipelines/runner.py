@@ -167,7 +167,7 @@ def build_dataset(cfg: JobConfig, todo: list[Unit], carry: list[str], trace_path
     engine = dict(batch_size=res.batch_size, batch_format="pyarrow",
                   compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
                   num_gpus=res.gpus_per_replica or None, num_cpus=res.cpus_per_replica)
-    threads = max(1, int(res.cpus_per_replica)) if not res.gpus_per_replica else None
+    threads = engine_threads(cfg)
     if cfg.input.format == "openai_batch":
         from batchlm.pipelines.openai_requests import read_requests
         from batchlm.pipelines.openai_responses import BatchEngineStage
@@ -181,12 +181,21 @@ def build_dataset(cfg: JobConfig, todo: list[Unit], carry: list[str], trace_path
         read_render, **read,
         fn_kwargs=dict(input_cfg=cfg.input, task_cfg=cfg.task, id_name=id_column_name(cfg), carry=carry))
     return ds.map_batches(
-        EngineStage, **engine,
-        fn_constructor_kwargs=dict(
-            engine_kwargs=cfg.model.engine_kwargs(), params=cfg.sampling.params(), task_type=cfg.task.type,
-            labels=[lb.name for lb in cfg.task.labels or []], chat_template=cfg.task.chat_template,
-            on_long_prompt=cfg.task.on_long_prompt,
-            threads=threads, trace_path=trace_path))
+        EngineStage, **engine, fn_constructor_kwargs=engine_stage_kwargs(cfg, trace_path))
+
+
+def engine_threads(cfg: JobConfig) -> int | None:
+    """An engine actor's torch threads: its CPUs when it runs on CPUs, else torch's default."""
+    res = cfg.resources
+    return max(1, int(res.cpus_per_replica)) if not res.gpus_per_replica else None
+
+
+def engine_stage_kwargs(cfg: JobConfig, trace_path: str | None = None) -> dict:
+    """EngineStage's constructor arguments for this job (the run's, and tests' in-process stages)."""
+    return dict(
+        engine_kwargs=cfg.model.engine_kwargs(), params=cfg.sampling.params(), task_type=cfg.task.type,
+        labels=[lb.name for lb in cfg.task.labels or []], chat_template=cfg.task.chat_template,
+        on_long_prompt=cfg.task.on_long_prompt, threads=engine_threads(cfg), trace_path=trace_path)
 
 
 class _UnitBuffer:

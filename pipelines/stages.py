@@ -24,13 +24,40 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
+
+from batchlm.prompts import keep_last, label_token_ids, prompt_error, room_after_prompt
 
 INTERNAL = ("__prompt", "__system", "__error")
 
+# The output columns after the id and the carried columns, in order, with their Arrow types
+# ("label_probs": a struct of one float64 per label). The one definition: names and schema come from it.
+_GENERATE_COLUMNS = (("generated_text", "string"), ("finish_reason", "string"),
+                     ("num_input_tokens", "int32"), ("num_output_tokens", "int32"))
+_CLASSIFY_COLUMNS = (("label", "string"), ("label_probs", "label_probs"))
+_ERROR_COLUMN = (("error", "string"),)
+
+# How a job config truncates a long prompt (the engine's own remedy is truncate_prompt_tokens).
+LONG_PROMPT_REMEDY = "set task.on_long_prompt: truncate to keep the last tokens"
+
+
+def _columns(task_type: str) -> tuple[tuple[str, str], ...]:
+    return _GENERATE_COLUMNS + (_CLASSIFY_COLUMNS if task_type == "classify" else ()) + _ERROR_COLUMN
+
 
 def output_columns(task_type: str) -> list[str]:
-    extra = ["label", "label_probs"] if task_type == "classify" else []
-    return ["generated_text", "finish_reason", "num_input_tokens", "num_output_tokens", *extra, "error"]
+    return [name for name, _ in _columns(task_type)]
+
+
+def output_schema(task_type: str, labels: list[str] | None):
+    import pyarrow as pa
+
+    def arrow(kind: str):
+        if kind == "label_probs":
+            return pa.struct([pa.field(lb, pa.float64()) for lb in labels or []])
+        return getattr(pa, kind)()
+
+    return pa.schema([pa.field(name, arrow(kind)) for name, kind in _columns(task_type)])
 
 
 def read_render(batch, input_cfg, task_cfg, id_name: str, carry: list[str]):
@@ -59,16 +86,37 @@ def read_render(batch, input_cfg, task_cfg, id_name: str, carry: list[str]):
     return pa.table(cols)
 
 
-class PromptEncoder:
-    """Chat template, tokenization and the length rule, as the engine stage applies them."""
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """One row's prompt as the engine gets it, and what the length rule decided."""
+    ids: list[int] | None  # None when `error` is set; the last tokens only when truncated
+    num_tokens: int  # the rendered prompt's tokens, before any truncation
+    too_long: bool  # over the limit: truncated (on_long_prompt: truncate) or an error
+    error: str | None = None
 
-    def __init__(self, tok, max_len: int, chat_template: bool | None, on_long_prompt: str, max_tokens: int | None):
+
+class PromptEncoder:
+    """Chat template, tokenization and the length rule (batchlm.prompts), as the job applies them.
+
+    `labels` (classify): each label's tokens follow the prompt, so the longest
+    must fit after it; a truncated prompt keeps room for it (generate: for
+    max_tokens)."""
+
+    def __init__(self, tok, max_len: int, chat_template: bool | None, on_long_prompt: str,
+                 max_tokens: int | None, labels: list[str] | None = None):
         self.tok = tok
         self.max_len = max_len
         self.chat = chat_template if chat_template is not None else bool(getattr(tok, "chat_template", None))
         self.truncate = on_long_prompt == "truncate"
-        # Room for the output: a truncated prompt keeps max_model_len - max_tokens tokens.
-        self.keep = max(1, max_len - (max_tokens or 1))
+        self.label_ids = label_token_ids(tok, labels) if labels else None
+        room = room_after_prompt(max_tokens, self.label_ids)
+        self.continuation = room if self.label_ids else 0  # a label must fit; generation stops at the limit
+        self.keep = keep_last(max_len, room)
+
+    @classmethod
+    def for_task(cls, tok, max_len: int, task_cfg, max_tokens: int | None) -> PromptEncoder:
+        labels = [lb.name for lb in task_cfg.labels or []] if task_cfg.type == "classify" else None
+        return cls(tok, max_len, task_cfg.chat_template, task_cfg.on_long_prompt, max_tokens, labels)
 
     def tokens(self, prompt: str, system: str | None) -> list[int]:
         if not self.chat:
@@ -77,17 +125,17 @@ class PromptEncoder:
         text = self.tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
-    def prepare(self, prompt: str, system: str | None) -> tuple[list[int] | None, str | None]:
-        """(token ids, None), or (None, the row's error)."""
-        ids = self.tokens(prompt, system)
-        if not ids:
-            return None, "prompt is empty"
-        if len(ids) > self.max_len:
-            if not self.truncate:
-                return None, (f"prompt has {len(ids)} tokens, more than max_model_len={self.max_len}; "
-                              "set task.on_long_prompt: truncate to keep the last tokens")
-            ids = ids[-self.keep:]
-        return ids, None
+    def encode(self, prompt: str, system: str | None) -> EncodedPrompt:
+        return self.check(self.tokens(prompt, system))
+
+    def check(self, ids: list[int]) -> EncodedPrompt:
+        """The length rule on a tokenized prompt."""
+        n = len(ids)
+        error = prompt_error(n, self.max_len, self.continuation, LONG_PROMPT_REMEDY)
+        too_long = error is not None and n > 0
+        if too_long and self.truncate:
+            return EncodedPrompt(ids[-self.keep:], n, True)
+        return EncodedPrompt(None if error else ids, n, too_long, error)
 
 
 class EngineStage:
@@ -104,7 +152,7 @@ class EngineStage:
 
         self.llm = LLM(**engine_kwargs)
         self.enc = PromptEncoder(self.llm.get_tokenizer(), int(self.llm.max_model_len), chat_template,
-                                 on_long_prompt, params.max_tokens if task_type == "generate" else 1)
+                                 on_long_prompt, params.max_tokens, labels)
         self.params = params
         self.task_type = task_type
         self.labels = labels
@@ -126,11 +174,12 @@ class EngineStage:
         todo, inputs = [], []
         for i in range(n):
             if errors[i] is None:
-                ids, errors[i] = self.enc.prepare(prompts[i], systems[i])
-                if ids is not None:
+                enc = self.enc.encode(prompts[i], systems[i])
+                errors[i] = enc.error
+                if enc.ids is not None:
                     todo.append(i)
-                    inputs.append(ids)
-                    out["num_input_tokens"][i] = len(ids)
+                    inputs.append(enc.ids)
+                    out["num_input_tokens"][i] = len(enc.ids)
         if self.task_type == "generate":
             self._generate(todo, inputs, out, errors)
         else:
@@ -140,7 +189,7 @@ class EngineStage:
                 out["finish_reason"][i] = "error"
         out["error"] = errors
         table = batch.drop_columns(list(INTERNAL))
-        schema = _output_schema(self.task_type, self.labels)
+        schema = output_schema(self.task_type, self.labels)
         for name in output_columns(self.task_type):
             table = table.append_column(schema.field(name), pa.array(out[name], type=schema.field(name).type))
         return table
@@ -158,8 +207,9 @@ class EngineStage:
             out["num_output_tokens"][i] = len(c.token_ids)
 
     def _classify(self, todo, inputs, out, errors) -> None:
-        texts = [self.enc.tok.decode(ids) for ids in inputs]
-        results = self.llm.classify(texts, self.labels, use_tqdm=False) if texts else []
+        # NOTE: the rendered prompt's own ids, scored as they are: no decode and re-encode (which
+        # would add a second BOS on tokenizers that add one, and undo the length rule's work).
+        results = self.llm.classify(inputs, self.labels, use_tqdm=False) if inputs else []
         for i, r in zip(todo, results):
             if r.error:
                 errors[i] = r.error
@@ -167,22 +217,7 @@ class EngineStage:
             out["label"][i] = r.label
             out["label_probs"][i] = dict(zip(r.labels, (float(p) for p in r.probs)))
             out["finish_reason"][i] = "stop"
-            out["num_input_tokens"][i] = r.num_prompt_tokens or out["num_input_tokens"][i]
-
-
-def _output_schema(task_type: str, labels: list[str] | None):
-    import pyarrow as pa
-
-    fields = [
-        pa.field("generated_text", pa.string()),
-        pa.field("finish_reason", pa.string()),
-        pa.field("num_input_tokens", pa.int32()),
-        pa.field("num_output_tokens", pa.int32()),
-    ]
-    if task_type == "classify":
-        fields += [pa.field("label", pa.string()),
-                   pa.field("label_probs", pa.struct([pa.field(lb, pa.float64()) for lb in labels]))]
-    return pa.schema(fields + [pa.field("error", pa.string())])
+            out["num_input_tokens"][i] = r.num_prompt_tokens
 
 
 def trace_units(trace_path: str | None, units) -> None:

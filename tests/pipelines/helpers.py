@@ -66,3 +66,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def rendered_rows(cfg):
+    """All the job's input rows through the read+render stage, in process (no Ray): what the engine
+    stage receives."""
+    import pyarrow as pa
+
+    from batchlm.pipelines.runner import id_column_name
+    from batchlm.pipelines.sources import plan_units
+    from batchlm.pipelines.stages import read_render
+
+    units = plan_units(cfg.input, cfg.output.rows_per_shard)
+    return read_render(pa.Table.from_pylist([u.to_dict() for u in units]), cfg.input, cfg.task,
+                       id_column_name(cfg), [])
