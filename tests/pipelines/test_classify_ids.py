@@ -21,7 +21,7 @@ from batchlm.pipelines.runner import engine_stage_kwargs, run_job
 from batchlm.pipelines.stages import EngineStage, output_columns
 from tests.engine.helpers import BOS, bos_tokenizer, tiny_model_dir
 
-from .helpers import read_output, rendered_rows, tiny_job
+from .helpers import read_output, rendered_rows, run_engine_stage, tiny_job
 
 TEXTS = ["a fine film", "dull and long", "I laughed a lot, then cried", "meh", "best of the year", "no"]
 LABELS = ["good", "bad"]
@@ -63,7 +63,7 @@ def test_engine_stage_scores_the_rendered_ids_with_one_bos(tmp_path, bos_model, 
         return score(request_id, prompt_token_ids, continuations)
 
     stage.llm.engine.add_score_request = record
-    out = stage(rendered_rows(cfg))
+    out = run_engine_stage(stage, rendered_rows(cfg))
     expected = _expected_ids(bos_model, chat)
     assert seen == expected
     assert all(ids.count(BOS) == 1 for ids in seen)

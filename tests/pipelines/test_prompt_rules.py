@@ -20,7 +20,7 @@ from batchlm.prompts import (EMPTY_PROMPT, MAX_MODEL_LEN_CAP, default_max_model_
                              room_after_prompt)
 from tests.engine.helpers import tiny_model_dir
 
-from .helpers import rendered_rows, tiny_job
+from .helpers import rendered_rows, run_engine_stage, tiny_job
 
 MAX_LEN = 40
 # Byte tokenizer, no chat template: a prompt of n letters is n tokens. Around the limit on purpose.
@@ -81,7 +81,7 @@ def test_validate_the_run_and_the_engine_agree_on_every_row(tmp_path, tiny_model
     assert f"{len(too_long)} of {len(LENGTHS)} sampled rows exceed max_model_len {MAX_LEN} ({action})" in report
     # the run's stages, in process: which rows fail, and why
     stage = EngineStage(**engine_stage_kwargs(cfg))
-    out = stage(rendered_rows(cfg)).to_pydict()
+    out = run_engine_stage(stage, rendered_rows(cfg)).to_pydict()
     errors = dict(zip(LENGTHS, out["error"]))
     # the engine itself, on the same ids
     ids = [[65] * n for n in LENGTHS]  # 65: any byte token; the rules look at lengths only
