@@ -192,7 +192,9 @@ def bench_pipeline(args) -> int:
         t0 = time.time()
         result = run_job(cfg, stream=io.StringIO())
         end = time.time()
-        first_call = min(json.loads(line)["t"] for line in open(trace))
+        calls = [json.loads(line) for line in open(trace)]
+        first_call = min(c["t"] for c in calls)
+        idle = sum(c.get("idle", 0.0) for c in calls)  # the engine empty between calls
     steady = end - first_call
     n = result.generated_rows
     fig = {
@@ -203,11 +205,13 @@ def bench_pipeline(args) -> int:
         "pipeline_steady_s": round(steady, 2), "pipeline_steady_rows_per_s": round(n / steady, 3),
         "steady_ratio": round(bare_s / steady, 3), "end_to_end_ratio": round(bare_s / (end - t0), 3),
         "output_tokens": result.output_tokens, "bare_output_tokens": bare_tokens,
+        "engine_idle_s": round(idle, 2),
     }
     print(f"bare LLM.generate      {n} rows in {bare_s:7.2f} s  {fig['bare_rows_per_s']:.3f} rows/s")
     print(f"batchlm run (steady)   {n} rows in {steady:7.2f} s  {fig['pipeline_steady_rows_per_s']:.3f} rows/s"
           f"  = {fig['steady_ratio']:.0%} of bare")
     print(f"batchlm run (end2end)  {n} rows in {end - t0:7.2f} s  {fig['pipeline_rows_per_s']:.3f} rows/s"
           f"  = {fig['end_to_end_ratio']:.0%} of bare (includes Ray start and the actor's model load)")
+    print(f"engine idle between batches: {idle:.2f} s of the steady {steady:.2f} s")
     print(json.dumps(fig))
     return 0

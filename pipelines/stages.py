@@ -199,9 +199,13 @@ class EngineStage:
         self.trace_path = trace_path
         self._done: dict[str, object] = {}  # finished engine outputs, by request id, until their call takes them
         self._next = itertools.count()
+        self._idle_since: float | None = None  # when the engine last ran out of requests (trace only)
 
     def _trace(self, units) -> None:
-        trace_units(self.trace_path, units)
+        """`idle`: how long the engine sat empty before this call (no request to step)."""
+        now = time.time()
+        idle, self._idle_since = (now - self._idle_since if self._idle_since else 0.0), None
+        trace_units(self.trace_path, units, idle)
 
     def _submit(self, ids: list[int]) -> str:
         rid = f"row-{next(self._next)}"
@@ -232,6 +236,8 @@ class EngineStage:
             for out in engine.step():
                 self._done[out.request_id] = out
             await asyncio.sleep(0)
+        if not engine.has_unfinished_requests():
+            self._idle_since = time.time()  # drained: nothing to step until the next call
         results = {i: self._done.pop(rid) for i, rid in requests.items()}
         return self._table(batch, errors, results)
 
@@ -276,13 +282,16 @@ class EngineStage:
         out["num_input_tokens"][i] = r.num_prompt_tokens
 
 
-def trace_units(trace_path: str | None, units) -> None:
-    """BATCHLM_UNIT_TRACE: one JSON line per (unit, rows) an engine call generates (a debugging aid)."""
+def trace_units(trace_path: str | None, units, idle: float = 0.0) -> None:
+    """BATCHLM_UNIT_TRACE: one JSON line per (unit, rows) an engine call generates (a debugging aid);
+    `idle` (seconds the engine sat empty before the call) goes on the call's first line."""
     if not trace_path:
         return
     counts: dict[int, int] = {}
     for u in units:
         counts[u] = counts.get(u, 0) + 1
+    now = time.time()
     with open(trace_path, "a") as f:  # O_APPEND: whole lines from concurrent actors
         for u, n in sorted(counts.items()):
-            f.write(json.dumps({"unit": u, "rows": n, "pid": os.getpid(), "t": time.time()}) + "\n")
+            f.write(json.dumps({"unit": u, "rows": n, "pid": os.getpid(), "t": now, "idle": round(idle, 4)}) + "\n")
+            idle = 0.0

@@ -6,6 +6,8 @@ fast random model and its repeated input."""
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 
 import pyarrow.parquet as pq
 
@@ -22,7 +24,8 @@ def test_concurrent_calls_share_one_busy_engine(tmp_path, tiny_model):
                                 sampling={"max_tokens": 8, "ignore_eos": True}))
     rows = rendered_rows(cfg)
     assert rows["__ids"].null_count == 0 and "__prompt" not in rows.column_names  # token ids, not text
-    stage = EngineStage(**engine_stage_kwargs(cfg))
+    trace = tmp_path / "trace.jsonl"
+    stage = EngineStage(**engine_stage_kwargs(cfg, str(trace)))
     engine = stage.llm.engine
     held, step = [], engine.step
 
@@ -44,6 +47,12 @@ def test_concurrent_calls_share_one_busy_engine(tmp_path, tiny_model):
     assert got[0]["generated_text"] + got[1]["generated_text"] == [o.outputs[0].text for o in direct]
     assert got[0]["num_output_tokens"] + got[1]["num_output_tokens"] == [8] * 40
     assert not engine.has_unfinished_requests() and not stage._done
+    # the trace's idle time: none between the two concurrent calls; a call after a drain counts its gap
+    time.sleep(0.2)
+    asyncio.run(stage(rows.slice(0, 4)))
+    calls = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert [c["idle"] for c in calls[:-1]] == [0.0] * (len(calls) - 1)
+    assert calls[-1]["idle"] >= 0.2
 
 
 def test_bench_tiny_model_and_repeated_input(tmp_path):
