@@ -15,13 +15,13 @@ caller can report progress from inside one long call.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 from batchlm.config import EngineConfig
 from batchlm.engine.llm_engine import LLMEngine
 from batchlm.outputs import ClassificationOutput, RequestOutput
+from batchlm.prompts import label_token_ids
 from batchlm.sampling_params import SamplingParams
 
 
@@ -95,31 +95,34 @@ class LLM:
                  on_finished: Callable | None = None) -> list[ClassificationOutput]:
         """Probability of each label after each prompt, from the model's
         log-likelihood of the label's tokens as a continuation (multi-token
-        labels: the sum over their tokens), normalised over the labels."""
+        labels: the sum over their tokens), normalised over the labels.
+
+        `prompts`: a string, a list of token ids, or a list of either (like
+        `generate`). Token ids are scored as given (no special tokens added);
+        strings are tokenized with `add_special_tokens`."""
         labels = list(labels)
         if not labels:
             raise ValueError("classify needs at least one label")
-        if isinstance(prompts, str):
+        if isinstance(prompts, str) or _is_token_list(prompts):
             prompts = [prompts]
-        label_ids = [self.engine.tokenize(lab, add_special_tokens=False) for lab in labels]
+        prompts = list(prompts)
+        label_ids = label_token_ids(self.engine.tokenizer, labels)
         rids = []
         for prompt in prompts:
             rid = self._new_id()
-            ids = self.engine.tokenize(prompt, add_special_tokens) if isinstance(prompt, str) and prompt else []
-            self.engine.add_score_request(rid, ids, label_ids)
+            self.engine.add_score_request(rid, self._score_ids(prompt, add_special_tokens), label_ids)
             rids.append(rid)
         scores = self._run(rids, use_tqdm, on_finished)
-        out = []
-        for prompt, s in zip(prompts, scores):
-            if s.error is not None:
-                out.append(ClassificationOutput(prompt, labels, [], [], len(s.prompt_token_ids), s.error))
-                continue
-            m = max(s.logprobs)
-            exps = [math.exp(lp - m) for lp in s.logprobs]
-            z = sum(exps)
-            out.append(ClassificationOutput(prompt, labels, [e / z for e in exps], list(s.logprobs),
-                                            len(s.prompt_token_ids)))
-        return out
+        return [ClassificationOutput.from_scores(prompt if isinstance(prompt, str) else None, labels,
+                                                 s.prompt_token_ids, s.logprobs, s.error)
+                for prompt, s in zip(prompts, scores)]
+
+    def _score_ids(self, prompt, add_special_tokens: bool) -> list[int]:
+        if isinstance(prompt, str):
+            return self.engine.tokenize(prompt, add_special_tokens) if prompt else []
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        raise TypeError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
     # ---- internals -------------------------------------------------------------
     def _new_id(self) -> str:

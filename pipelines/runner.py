@@ -12,9 +12,11 @@ Contract
    (output.open_output): temp files cleaned, damaged shards moved aside, a
    different config or changed input refused, intact committed units known.
 2. Only uncommitted units go through Ray Data: `from_items(units)` ->
-   `read_render` tasks -> `EngineStage` actor pool (one engine per actor,
-   `resources.batch_size` rows per engine call, GPUs when asked; a cluster
-   without them fails at once with a ConfigError). An openai_batch input
+   `ReadRender` CPU actors (read, render, tokenize: the tokenizer only) ->
+   `EngineStage` actor pool (one engine per actor fed token ids,
+   `resources.batch_size` rows per call, two calls at once so the engine
+   never drains between batches, GPUs when asked; a cluster without them
+   fails at once with a ConfigError). An openai_batch input
    goes through `read_requests` tasks -> `BatchEngineStage` instead, with
    the custom_ids used twice found once over the whole plan (`prepare`).
 3. The driver alone writes: it groups result rows by unit and, when a unit
@@ -51,7 +53,7 @@ from batchlm.pipelines.manifest import (SUCCESS, Manifest, ShardFooter, UnitReco
 from batchlm.pipelines.output import Expected, check_location, open_output
 from batchlm.pipelines.progress import Progress, summary
 from batchlm.pipelines.sources import InputPlan, Unit, plan_input, read_unit
-from batchlm.pipelines.stages import EngineStage, output_columns, read_render
+from batchlm.pipelines.stages import EngineStage, ReadRender, output_columns
 from batchlm.pipelines.storage import Store
 
 
@@ -175,35 +177,49 @@ def build_dataset(cfg: JobConfig, todo: list[Unit], carry: list[str], trace_path
     lo, hi = cfg.resources.replica_range()
     res = cfg.resources
     ds = ray.data.from_items([u.to_dict() for u in todo], override_num_blocks=len(todo))
-    # NOTE: read+render asks for no CPU slot, so it can never wait behind engine
-    # actors that take every CPU (a 2-core laptop with cpus_per_replica: 2);
-    # two such tasks at a time keep the engine fed without reading ahead of it.
-    read = dict(batch_size=1, batch_format="pyarrow", num_cpus=0,
-                compute=ray.data.TaskPoolStrategy(size=min(2, len(todo))))
     engine = dict(batch_size=res.batch_size, batch_format="pyarrow",
-                  compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
                   num_gpus=res.gpus_per_replica or None, num_cpus=res.cpus_per_replica)
-    threads = max(1, int(res.cpus_per_replica)) if not res.gpus_per_replica else None
     if cfg.input.format == "openai_batch":
         from batchlm.pipelines.openai_requests import read_requests
         from batchlm.pipelines.openai_responses import BatchEngineStage
 
-        ds = ds.map_batches(read_requests, **read, fn_kwargs=dict(
-            input_cfg=cfg.input, duplicates=duplicates or {}, default_model=cfg.model.name,
-            id_name=id_column_name(cfg)))
-        return ds.map_batches(BatchEngineStage, **engine, fn_constructor_kwargs=dict(
-            engine_kwargs=cfg.model.engine_kwargs(), threads=threads, trace_path=trace_path,
-            progress_sink=progress_sink))
+        # NOTE: read tasks ask for no CPU slot, so they can never wait behind engine actors that
+        # take every CPU (a 2-core laptop with cpus_per_replica: 2).
+        ds = ds.map_batches(read_requests, batch_size=1, batch_format="pyarrow", num_cpus=0,
+                            compute=ray.data.TaskPoolStrategy(size=min(2, len(todo))), fn_kwargs=dict(
+                                input_cfg=cfg.input, duplicates=duplicates or {}, default_model=cfg.model.name,
+                                id_name=id_column_name(cfg)))
+        return ds.map_batches(BatchEngineStage, **engine,
+                              compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+                              fn_constructor_kwargs=dict(engine_kwargs=cfg.model.engine_kwargs(),
+                                                         threads=engine_threads(cfg), trace_path=trace_path,
+                                                         progress_sink=progress_sink))
+    # NOTE: read+render+tokenize asks for no CPU slot either; its actors load the tokenizer
+    # once (never the model), and two of them keep the engine fed without reading far ahead of it.
     ds = ds.map_batches(
-        read_render, **read,
-        fn_kwargs=dict(input_cfg=cfg.input, task_cfg=cfg.task, id_name=id_column_name(cfg), carry=carry))
+        ReadRender, batch_size=1, batch_format="pyarrow", num_cpus=0,
+        compute=ray.data.ActorPoolStrategy(size=min(2, len(todo))),
+        fn_constructor_kwargs=dict(cfg=cfg, id_name=id_column_name(cfg), carry=carry))
     return ds.map_batches(
         EngineStage, **engine,
-        fn_constructor_kwargs=dict(
-            engine_kwargs=cfg.model.engine_kwargs(), params=cfg.sampling.params(), task_type=cfg.task.type,
-            labels=[lb.name for lb in cfg.task.labels or []], chat_template=cfg.task.chat_template,
-            on_long_prompt=cfg.task.on_long_prompt,
-            threads=threads, trace_path=trace_path, progress_sink=progress_sink))
+        # NOTE: EngineStage.__call__ is async; two calls at once per actor put the next batch's
+        # requests into the engine before the current batch's last ones finish.
+        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, max_concurrent_calls_per_actor=2),
+        fn_constructor_kwargs=engine_stage_kwargs(cfg, trace_path, progress_sink))
+
+
+def engine_threads(cfg: JobConfig) -> int | None:
+    """An engine actor's torch threads: its CPUs when it runs on CPUs, else torch's default."""
+    res = cfg.resources
+    return max(1, int(res.cpus_per_replica)) if not res.gpus_per_replica else None
+
+
+def engine_stage_kwargs(cfg: JobConfig, trace_path: str | None = None, progress_sink=None) -> dict:
+    """EngineStage's constructor arguments for this job (the run's, and tests' in-process stages)."""
+    return dict(
+        engine_kwargs=cfg.model.engine_kwargs(), params=cfg.sampling.params(), task_type=cfg.task.type,
+        labels=[lb.name for lb in cfg.task.labels or []], threads=engine_threads(cfg), trace_path=trace_path,
+        progress_sink=progress_sink)
 
 
 class _UnitBuffer:

@@ -1,4 +1,4 @@
-"""The two Ray Data stages: read+render (CPU tasks) and the engine (actor pool).
+"""The two Ray Data stages: read+render+tokenize (CPU actors) and the engine (actor pool).
 
 Contract
 --------
@@ -7,70 +7,118 @@ Rows flow between the stages as Arrow tables with these internal columns
 passes through untouched):
 
     __unit, __row   which work unit and which position in it (ints)
-    __prompt        the rendered prompt text, or null when __error is set
-    __system        the rendered system message, or null
+    __ids           the prompt's token ids exactly as the engine gets them
+                    (chat template applied, length rule applied), or null
+                    when __error is set
     __error         why the row cannot be sent to the engine, or null
 
-- `read_render(batch, ...)`: a batch of unit descriptors -> all their rows,
-  read, given ids and rendered. Never raises for a bad row.
-- `EngineStage`: builds one `batchlm.LLM` per actor; per call it applies the
-  chat template, tokenizes, enforces the length limit (error or keep the
-  last tokens), runs generate/classify over the whole batch and returns the
-  rows with __prompt/__system/__error replaced by the output columns.
-  A rejected request (RequestOutput.error) becomes that row's `error`.
+- `ReadRender(cfg, id_name, carry)`: a CPU actor that loads the model's
+  tokenizer and config only (never its weights), once; per call, a batch of
+  unit descriptors -> all their rows, read, given ids, rendered, tokenized
+  and length-checked (`PromptEncoder`, the rules of batchlm.prompts). Never
+  raises for a bad row.
+- `EngineStage`: one `batchlm.LLM` per actor, fed token ids. Its `__call__`
+  is async: each call adds its batch's requests to the actor's one engine
+  and steps it until they are done, and Ray Data runs several calls at once,
+  so the next batch's requests are in the engine before the last ones
+  finish (no drain tail per batch). It returns the rows with __ids/__error
+  replaced by the output columns; a rejected request (`.error`) becomes that
+  row's `error`.
   With a `progress_sink` it reports its start-up and each finished row to the
   driver while the batch is still generating (live.StageReporter).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
+from dataclasses import dataclass
 
-INTERNAL = ("__prompt", "__system", "__error")
+from batchlm.outputs import ClassificationOutput
+from batchlm.pipelines.errors import ConfigError
+from batchlm.prompts import default_max_model_len, keep_last, label_token_ids, prompt_error, room_after_prompt
+
+INTERNAL = ("__ids", "__error")
+
+# The output columns after the id and the carried columns, in order, with their Arrow types
+# ("label_probs": a struct of one float64 per label). The one definition: names and schema come from it.
+_GENERATE_COLUMNS = (("generated_text", "string"), ("finish_reason", "string"),
+                     ("num_input_tokens", "int32"), ("num_output_tokens", "int32"))
+_CLASSIFY_COLUMNS = (("label", "string"), ("label_probs", "label_probs"))
+_ERROR_COLUMN = (("error", "string"),)
+
+# How a job config truncates a long prompt (the engine's own remedy is truncate_prompt_tokens).
+LONG_PROMPT_REMEDY = "set task.on_long_prompt: truncate to keep the last tokens"
+
+
+def _columns(task_type: str) -> tuple[tuple[str, str], ...]:
+    return _GENERATE_COLUMNS + (_CLASSIFY_COLUMNS if task_type == "classify" else ()) + _ERROR_COLUMN
 
 
 def output_columns(task_type: str) -> list[str]:
-    extra = ["label", "label_probs"] if task_type == "classify" else []
-    return ["generated_text", "finish_reason", "num_input_tokens", "num_output_tokens", *extra, "error"]
+    return [name for name, _ in _columns(task_type)]
 
 
-def read_render(batch, input_cfg, task_cfg, id_name: str, carry: list[str]):
-    """Ray Data map_batches fn (batch_format="pyarrow"): units -> rendered rows."""
+def output_schema(task_type: str, labels: list[str] | None):
     import pyarrow as pa
 
-    from batchlm.pipelines.render import PromptTemplate
-    from batchlm.pipelines.sources import Unit, read_unit
+    def arrow(kind: str):
+        if kind == "label_probs":
+            return pa.struct([pa.field(lb, pa.float64()) for lb in labels or []])
+        return getattr(pa, kind)()
 
-    template = PromptTemplate(task_cfg)
-    stringify = input_cfg.format == "jsonl"  # untyped input: keep carried columns one type
-    cols: dict[str, list] = {k: [] for k in ("__unit", "__row", id_name, *carry, *INTERNAL)}
-    for d in batch.to_pylist():
-        unit = Unit(**d)
-        for i, row in enumerate(read_unit(input_cfg, unit)):
-            prompt, system, error = (None, None, row["__error"]) if row.get("__error") else template.render(row)
-            cols["__unit"].append(unit.index)
-            cols["__row"].append(i)
-            cols[id_name].append(row["__id"])
-            for c in carry:
-                v = row.get(c)
-                cols[c].append(json.dumps(v) if stringify and v is not None and not isinstance(v, str) else v)
-            cols["__prompt"].append(prompt)
-            cols["__system"].append(system)
-            cols["__error"].append(error)
-    return pa.table(cols)
+    return pa.schema([pa.field(name, arrow(kind)) for name, kind in _columns(task_type)])
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """One row's prompt as the engine gets it, and what the length rule decided."""
+    ids: list[int] | None  # None when `error` is set; the last tokens only when truncated
+    num_tokens: int  # the rendered prompt's tokens, before any truncation
+    too_long: bool  # over the limit: truncated (on_long_prompt: truncate) or an error
+    error: str | None = None
 
 
 class PromptEncoder:
-    """Chat template, tokenization and the length rule, as the engine stage applies them."""
+    """Chat template, tokenization and the length rule (batchlm.prompts), as the job applies them.
 
-    def __init__(self, tok, max_len: int, chat_template: bool | None, on_long_prompt: str, max_tokens: int | None):
+    `labels` (classify): each label's tokens follow the prompt, so the longest
+    must fit after it; a truncated prompt keeps room for it (generate: for
+    max_tokens)."""
+
+    def __init__(self, tok, max_len: int, chat_template: bool | None, on_long_prompt: str,
+                 max_tokens: int | None, labels: list[str] | None = None):
         self.tok = tok
         self.max_len = max_len
         self.chat = chat_template if chat_template is not None else bool(getattr(tok, "chat_template", None))
         self.truncate = on_long_prompt == "truncate"
-        # Room for the output: a truncated prompt keeps max_model_len - max_tokens tokens.
-        self.keep = max(1, max_len - (max_tokens or 1))
+        self.label_ids = label_token_ids(tok, labels) if labels else None
+        room = room_after_prompt(max_tokens, self.label_ids)
+        self.continuation = room if self.label_ids else 0  # a label must fit; generation stops at the limit
+        self.keep = keep_last(max_len, room)
+
+    @classmethod
+    def for_task(cls, tok, max_len: int, task_cfg, max_tokens: int | None) -> PromptEncoder:
+        labels = [lb.name for lb in task_cfg.labels or []] if task_cfg.type == "classify" else None
+        return cls(tok, max_len, task_cfg.chat_template, task_cfg.on_long_prompt, max_tokens, labels)
+
+    @classmethod
+    def for_job(cls, cfg) -> PromptEncoder:
+        """The job's encoder from the model's tokenizer and config alone (never its weights), with the
+        engine's own max_model_len rule; a model that cannot give them is a ConfigError."""
+        from batchlm.models.loader import load_config, load_tokenizer
+        from batchlm.models.resolve import resolve_model
+
+        try:
+            model_dir, _ = resolve_model(cfg.model.name, weights=False)  # a GGUF: config and tokenizer only
+            tok, hf = load_tokenizer(model_dir), load_config(model_dir)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"model.name: {e}") from None
+        if tok is None:
+            raise ConfigError(f"model.name: {cfg.model.name} has no tokenizer files")
+        return cls.for_task(tok, default_max_model_len(hf, cfg.model.max_model_len), cfg.task,
+                            cfg.sampling.max_tokens)
 
     def tokens(self, prompt: str, system: str | None) -> list[int]:
         if not self.chat:
@@ -79,25 +127,66 @@ class PromptEncoder:
         text = self.tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
-    def prepare(self, prompt: str, system: str | None) -> tuple[list[int] | None, str | None]:
-        """(token ids, None), or (None, the row's error)."""
-        ids = self.tokens(prompt, system)
-        if not ids:
-            return None, "prompt is empty"
-        if len(ids) > self.max_len:
-            if not self.truncate:
-                return None, (f"prompt has {len(ids)} tokens, more than max_model_len={self.max_len}; "
-                              "set task.on_long_prompt: truncate to keep the last tokens")
-            ids = ids[-self.keep:]
-        return ids, None
+    def encode(self, prompt: str, system: str | None) -> EncodedPrompt:
+        return self.check(self.tokens(prompt, system))
+
+    def check(self, ids: list[int]) -> EncodedPrompt:
+        """The length rule on a tokenized prompt."""
+        n = len(ids)
+        error = prompt_error(n, self.max_len, self.continuation, LONG_PROMPT_REMEDY)
+        too_long = error is not None and n > 0
+        if too_long and self.truncate:
+            return EncodedPrompt(ids[-self.keep:], n, True)
+        return EncodedPrompt(None if error else ids, n, too_long, error)
+
+
+class ReadRender:
+    """Ray Data actor UDF (batch_format="pyarrow", CPU, no engine): units -> rows with token ids."""
+
+    def __init__(self, cfg, id_name: str, carry: list[str]):
+        from batchlm.pipelines.render import PromptTemplate
+
+        self.input_cfg, self.id_name, self.carry = cfg.input, id_name, carry
+        self.template = PromptTemplate(cfg.task)
+        self.encoder = PromptEncoder.for_job(cfg)  # the tokenizer and config only, never the weights
+
+    def encode(self, row: dict) -> EncodedPrompt:
+        """One input row -> its prompt's ids, or why it cannot run."""
+        if row.get("__error"):
+            return EncodedPrompt(None, 0, False, row["__error"])
+        prompt, system, error = self.template.render(row)
+        if error:
+            return EncodedPrompt(None, 0, False, error)
+        return self.encoder.encode(prompt, system)
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        from batchlm.pipelines.sources import Unit, read_unit
+
+        stringify = self.input_cfg.format == "jsonl"  # untyped input: keep carried columns one type
+        cols: dict[str, list] = {k: [] for k in ("__unit", "__row", self.id_name, *self.carry, *INTERNAL)}
+        for d in batch.to_pylist():
+            unit = Unit(**d)
+            for i, row in enumerate(read_unit(self.input_cfg, unit)):
+                enc = self.encode(row)
+                cols["__unit"].append(unit.index)
+                cols["__row"].append(i)
+                cols[self.id_name].append(row["__id"])
+                for c in self.carry:
+                    v = row.get(c)
+                    cols[c].append(json.dumps(v) if stringify and v is not None and not isinstance(v, str) else v)
+                cols["__ids"].append(enc.ids)
+                cols["__error"].append(enc.error)
+        types = {"__unit": pa.int64(), "__row": pa.int64(), "__ids": pa.list_(pa.int32()), "__error": pa.string()}
+        return pa.table({k: pa.array(v, type=types.get(k)) for k, v in cols.items()})
 
 
 class EngineStage:
-    """Ray Data actor UDF: one engine per actor, a whole batch per engine call."""
+    """Ray Data actor UDF: one engine per actor, fed continuously across batches."""
 
     def __init__(self, engine_kwargs: dict, params, task_type: str, labels: list[str] | None,
-                 chat_template: bool | None, on_long_prompt: str, threads: int | None,
-                 trace_path: str | None = None, progress_sink=None):
+                 threads: int | None, trace_path: str | None = None, progress_sink=None):
         from batchlm.pipelines.live import StageReporter
 
         t0 = time.monotonic()
@@ -108,101 +197,111 @@ class EngineStage:
         from batchlm import LLM
 
         self.llm = LLM(**engine_kwargs)
-        self.enc = PromptEncoder(self.llm.get_tokenizer(), int(self.llm.max_model_len), chat_template,
-                                 on_long_prompt, params.max_tokens if task_type == "generate" else 1)
         self.params = params
         self.task_type = task_type
         self.labels = labels
+        self.label_ids = label_token_ids(self.llm.get_tokenizer(), labels) if task_type == "classify" else None
         self.trace_path = trace_path
         self.report = StageReporter(progress_sink)  # live progress to the driver (live.py)
         self.report.engine_up(time.monotonic() - t0)
+        self._done: dict[str, object] = {}  # finished engine outputs, by request id, until their call takes them
+        self._next = itertools.count()
+        self._idle_since: float | None = None  # when the engine last ran out of requests (trace only)
 
     def _trace(self, units) -> None:
-        trace_units(self.trace_path, units)
+        """`idle`: how long the engine sat empty before this call (no request to step)."""
+        now = time.time()
+        idle, self._idle_since = (now - self._idle_since if self._idle_since else 0.0), None
+        trace_units(self.trace_path, units, idle)
 
-    def __call__(self, batch):
-        import pyarrow as pa
+    def _submit(self, ids: list[int]) -> str:
+        rid = f"row-{next(self._next)}"
+        if self.label_ids is not None:
+            self.llm.engine.add_score_request(rid, ids, self.label_ids)
+        else:
+            self.llm.engine.add_request(rid, ids, self.params)
+        return rid
+
+    async def __call__(self, batch):
+        import asyncio
 
         self._trace(batch.column("__unit").to_pylist())
-        prompts, systems = batch.column("__prompt").to_pylist(), batch.column("__system").to_pylist()
         errors = batch.column("__error").to_pylist()
+        requests = {i: self._submit(ids) for i, ids in enumerate(batch.column("__ids").to_pylist())
+                    if errors[i] is None}
+        pending = set(requests.values())
+        self.report.rows_failed(len(errors) - len(requests))
+        engine = self.llm.engine
+        # NOTE: every call steps the actor's one engine for every call's requests (all on Ray Data's
+        # one event-loop thread, so never two steps at once). Yielding between steps lets the next
+        # batch's call add its requests before this batch's last ones finish: the engine never drains.
+        while True:
+            pending.difference_update(self._done)  # another call's steps may have finished them
+            if not pending:
+                break
+            if not engine.has_unfinished_requests():
+                raise RuntimeError(f"the engine lost {len(pending)} requests")
+            for out in engine.step():
+                self._done[out.request_id] = out
+                self.report.finished(out)
+            await asyncio.sleep(0)
+        if not engine.has_unfinished_requests():
+            self._idle_since = time.time()  # drained: nothing to step until the next call
+        results = {i: self._done.pop(rid) for i, rid in requests.items()}
+        return self._table(batch, errors, results)
+
+    def _table(self, batch, errors: list[str | None], results: dict):
+        import pyarrow as pa
+
         n = len(errors)
         out = {c: [None] * n for c in output_columns(self.task_type)}
         out["num_input_tokens"] = [0] * n
         out["num_output_tokens"] = [0] * n
-        todo, inputs = [], []
-        for i in range(n):
-            if errors[i] is None:
-                ids, errors[i] = self.enc.prepare(prompts[i], systems[i])
-                if ids is not None:
-                    todo.append(i)
-                    inputs.append(ids)
-                    out["num_input_tokens"][i] = len(ids)
-        self.report.rows_failed(n - len(todo))
-        if self.task_type == "generate":
-            self._generate(todo, inputs, out, errors)
-        else:
-            self._classify(todo, inputs, out, errors)
+        fill = self._fill_classify if self.label_ids is not None else self._fill_generate
+        for i, r in results.items():
+            if r.error:
+                errors[i] = r.error
+            else:
+                fill(out, i, r)
         for i in range(n):
             if errors[i] is not None:
                 out["finish_reason"][i] = "error"
         out["error"] = errors
         self.report.flush()
         table = batch.drop_columns(list(INTERNAL))
-        schema = _output_schema(self.task_type, self.labels)
+        schema = output_schema(self.task_type, self.labels)
         for name in output_columns(self.task_type):
             table = table.append_column(schema.field(name), pa.array(out[name], type=schema.field(name).type))
         return table
 
-    def _generate(self, todo, inputs, out, errors) -> None:
-        results = self.llm.generate(inputs, self.params, use_tqdm=False,
-                                     on_finished=self.report.finished) if inputs else []
-        for i, r in zip(todo, results):
-            if r.error:
-                errors[i] = r.error
-                continue
-            c = r.outputs[0]
-            out["generated_text"][i] = c.text
-            out["finish_reason"][i] = c.finish_reason
-            out["num_input_tokens"][i] = r.num_prompt_tokens
-            out["num_output_tokens"][i] = len(c.token_ids)
+    @staticmethod
+    def _fill_generate(out: dict, i: int, r) -> None:
+        c = r.outputs[0]
+        out["generated_text"][i] = c.text
+        out["finish_reason"][i] = c.finish_reason
+        out["num_input_tokens"][i] = r.num_prompt_tokens
+        out["num_output_tokens"][i] = len(c.token_ids)
 
-    def _classify(self, todo, inputs, out, errors) -> None:
-        texts = [self.enc.tok.decode(ids) for ids in inputs]
-        results = self.llm.classify(texts, self.labels, use_tqdm=False,
-                                     on_finished=self.report.finished) if texts else []
-        for i, r in zip(todo, results):
-            if r.error:
-                errors[i] = r.error
-                continue
-            out["label"][i] = r.label
-            out["label_probs"][i] = dict(zip(r.labels, (float(p) for p in r.probs)))
-            out["finish_reason"][i] = "stop"
-            out["num_input_tokens"][i] = r.num_prompt_tokens or out["num_input_tokens"][i]
+    def _fill_classify(self, out: dict, i: int, score) -> None:
+        # NOTE: the rendered prompt's own ids were scored as they are: no decode and re-encode (which
+        # would add a second BOS on tokenizers that add one, and undo the length rule's work).
+        r = ClassificationOutput.from_scores(None, self.labels, score.prompt_token_ids, score.logprobs)
+        out["label"][i] = r.label
+        out["label_probs"][i] = dict(zip(r.labels, (float(p) for p in r.probs)))
+        out["finish_reason"][i] = "stop"
+        out["num_input_tokens"][i] = r.num_prompt_tokens
 
 
-def _output_schema(task_type: str, labels: list[str] | None):
-    import pyarrow as pa
-
-    fields = [
-        pa.field("generated_text", pa.string()),
-        pa.field("finish_reason", pa.string()),
-        pa.field("num_input_tokens", pa.int32()),
-        pa.field("num_output_tokens", pa.int32()),
-    ]
-    if task_type == "classify":
-        fields += [pa.field("label", pa.string()),
-                   pa.field("label_probs", pa.struct([pa.field(lb, pa.float64()) for lb in labels]))]
-    return pa.schema(fields + [pa.field("error", pa.string())])
-
-
-def trace_units(trace_path: str | None, units) -> None:
-    """BATCHLM_UNIT_TRACE: one JSON line per (unit, rows) an engine call generates (a debugging aid)."""
+def trace_units(trace_path: str | None, units, idle: float = 0.0) -> None:
+    """BATCHLM_UNIT_TRACE: one JSON line per (unit, rows) an engine call generates (a debugging aid);
+    `idle` (seconds the engine sat empty before the call) goes on the call's first line."""
     if not trace_path:
         return
     counts: dict[int, int] = {}
     for u in units:
         counts[u] = counts.get(u, 0) + 1
+    now = time.time()
     with open(trace_path, "a") as f:  # O_APPEND: whole lines from concurrent actors
         for u, n in sorted(counts.items()):
-            f.write(json.dumps({"unit": u, "rows": n, "pid": os.getpid(), "t": time.time()}) + "\n")
+            f.write(json.dumps({"unit": u, "rows": n, "pid": os.getpid(), "t": now, "idle": round(idle, 4)}) + "\n")
+            idle = 0.0

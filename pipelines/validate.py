@@ -13,26 +13,10 @@ from __future__ import annotations
 import statistics
 import time
 
-from batchlm.pipelines.errors import ConfigError
 from batchlm.pipelines.render import PromptTemplate
 from batchlm.pipelines.runner import check_columns
 from batchlm.pipelines.sources import plan_units, read_unit
 from batchlm.pipelines.stages import PromptEncoder
-
-
-def _tokenizer_and_limit(cfg):
-    from batchlm.models.loader import load_config, load_tokenizer
-    from batchlm.models.resolve import resolve_model
-
-    try:
-        model_dir, _ = resolve_model(cfg.model.name, weights=False)  # config and tokenizer only
-        tok, hf = load_tokenizer(model_dir), load_config(model_dir)
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"model.name: {e}") from None
-    if tok is None:
-        raise ConfigError(f"model.name: {cfg.model.name} has no tokenizer files")
-    limit = getattr(hf, "max_position_embeddings", None) or 8192
-    return tok, cfg.model.max_model_len or min(limit, 8192)
 
 
 def _sample_rows(cfg, units, n: int) -> list[dict]:
@@ -54,8 +38,8 @@ def validate(cfg, sample: int = 200, estimate: bool = True) -> str:
     rows = _sample_rows(cfg, units, max(1, sample))
     check_columns(cfg, rows)
     template = PromptTemplate(cfg.task)
-    tok, max_len = _tokenizer_and_limit(cfg)
-    enc = PromptEncoder(tok, max_len, cfg.task.chat_template, cfg.task.on_long_prompt, cfg.sampling.max_tokens)
+    enc = PromptEncoder.for_job(cfg)  # the tokenizer and length rules the run's read stage uses
+    max_len = enc.max_len
     lengths, errors, too_long, prompts = [], [], 0, []
     for row in rows:
         prompt, system, err = (None, None, row["__error"]) if row.get("__error") else template.render(row)
@@ -63,9 +47,11 @@ def validate(cfg, sample: int = 200, estimate: bool = True) -> str:
             errors.append(f"{row['__id']}: {err}")
             continue
         ids = enc.tokens(prompt, system)
-        lengths.append(len(ids))
-        too_long += len(ids) > max_len
-        prompts.append(ids[-enc.keep:])
+        checked = enc.check(ids)  # the run's own rule (the engine stage calls it too)
+        lengths.append(checked.num_tokens)
+        too_long += checked.too_long
+        if ids:
+            prompts.append(checked.ids if checked.ids is not None else ids[-enc.keep:])
     lines = [
         f"config        ok ({cfg.task.type}, model {cfg.model.name}, max_model_len {max_len})",
         f"input         {cfg.input.path}: {total} rows in {len(units)} work units of <= {cfg.output.rows_per_shard}",

@@ -15,7 +15,9 @@ sampling in the sampler), then calls `Scheduler.accept_speculation`.
 
 Bad requests never raise out of `step`: a request that cannot run (empty
 prompt, prompt longer than max_model_len, larger than the whole KV cache)
-comes back finished with `error` set, and the rest of the batch goes on.
+comes back finished with `error` set, and the rest of the batch goes on. The
+prompt-length rules and the max_model_len default are batchlm.prompts' (shared
+with the batch job and `validate`).
 """
 from __future__ import annotations
 
@@ -35,11 +37,13 @@ from batchlm.engine.sequence import Sequence
 from batchlm.kernels import get_attention_backend
 from batchlm.models import kv_cache_shape, load_model
 from batchlm.outputs import RequestOutput
+from batchlm.prompts import default_max_model_len, prompt_error
 from batchlm.sampling import Sampler, SamplingRow, prompt_logprobs, request_generator, token_logprobs
 from batchlm.sampling_params import SamplingParams
 from batchlm.speculative import NgramProposer, SpecStats, parse_speculative_config
 
 _NO_MORE_LOGITS = 1 << 62
+_TRUNCATE_HINT = "set truncate_prompt_tokens to keep the last tokens"
 
 
 class LLMEngine:
@@ -64,8 +68,7 @@ class LLMEngine:
         self.hf_config = loaded.hf_config
         self.model_dir = loaded.model_dir
         self.dtype = dtype
-        limit = getattr(self.hf_config, "max_position_embeddings", None) or 8192
-        self.max_model_len = config.max_model_len or min(limit, 8192)
+        self.max_model_len = default_max_model_len(self.hf_config, config.max_model_len)
         num_layers, kv_heads, head_dim = kv_cache_shape(self.hf_config)
         self.draft = None  # speculative_config method "draft": a second model sharing the block tables
         block_bytes = ModelRunner.bytes_per_block(num_layers, kv_heads, head_dim, config.block_size, kv_dtype)
@@ -102,7 +105,8 @@ class LLMEngine:
         self._register(req)
         if params.truncate_prompt_tokens is not None and len(ids) > params.truncate_prompt_tokens:
             req.prompt_token_ids = ids = ids[-params.truncate_prompt_tokens:]
-        error = self._check_length(ids, 1 if params.max_tokens is None else params.max_tokens)
+        error = (prompt_error(len(ids), self.max_model_len, remedy=_TRUNCATE_HINT)
+                 or self._check_blocks(len(ids), 1 if params.max_tokens is None else params.max_tokens))
         if error:
             req.error = error
             self._ready.append(self.output.request_output(req))
@@ -126,8 +130,9 @@ class LLMEngine:
                       continuation_lens=[len(c) for c in continuations])
         self._register(req)
         longest = max((len(c) for c in continuations), default=0)
-        error = self._check_length(prompt_token_ids, longest) or (
-            "every label must have at least one token" if any(not c for c in continuations) else None)
+        error = (prompt_error(len(prompt_token_ids), self.max_model_len, continuation=longest)
+                 or self._check_blocks(len(prompt_token_ids), longest)
+                 or ("every label must have at least one token" if any(not c for c in continuations) else None))
         if error:
             req.error = error
             self._ready.append(ScoreOutput(request_id, req.prompt_token_ids, [], error))
@@ -157,13 +162,9 @@ class LLMEngine:
             raise ValueError(f"request id {req.request_id!r} is already in the engine")
         self.requests[req.request_id] = req
 
-    def _check_length(self, ids: list[int], new_tokens: int) -> str | None:
-        if not ids:
-            return "the prompt is empty"
-        if len(ids) > self.max_model_len:
-            return (f"the prompt has {len(ids)} tokens, more than max_model_len={self.max_model_len} "
-                    f"(set truncate_prompt_tokens to truncate it)")
-        need = self.block_manager.blocks_needed(min(len(ids) + new_tokens, self.max_model_len))
+    def _check_blocks(self, num_prompt_tokens: int, new_tokens: int) -> str | None:
+        """The prompt-length rules are batchlm.prompts'; this is the engine's own: the KV cache."""
+        need = self.block_manager.blocks_needed(min(num_prompt_tokens + new_tokens, self.max_model_len))
         if need > self.block_manager.num_blocks:
             return (f"the request needs {need} KV-cache blocks but the cache holds only "
                     f"{self.block_manager.num_blocks}: raise kv_cache_memory")

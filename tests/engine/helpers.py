@@ -3,12 +3,13 @@ tokenizer) for engine tests, and the transformers reference to compare with."""
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from tests.models.helpers import tiny_hf_model
 
 EOS = 256
+BOS = 257  # only in bos_tokenizer()
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -25,8 +26,22 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def tiny_model_dir(tmp_path, config_cls, seed: int = 0, **overrides):
-    """Save a tiny random model + byte tokenizer to tmp_path; return (dir, hf_model)."""
+def bos_tokenizer() -> PreTrainedTokenizerFast:
+    """The byte tokenizer that adds <bos> (id 257) in front of every encoded text, as Llama 3 and
+    Mistral tokenizers do, with a chat template that writes the BOS itself (like Llama 3's)."""
+    tok = byte_tokenizer()
+    tk = tok.backend_tokenizer
+    tk.add_special_tokens(["<bos>"])
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                      special_tokens=[("<bos>", BOS)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>")
+    tok.chat_template = "{{ bos_token }}" + byte_tokenizer().chat_template
+    return tok
+
+
+def tiny_model_dir(tmp_path, config_cls, seed: int = 0, tokenizer=None, **overrides):
+    """Save a tiny random model + tokenizer (default: the byte tokenizer) to tmp_path; return
+    (dir, hf_model)."""
     overrides.setdefault("vocab_size", 260)
     overrides.setdefault("max_position_embeddings", 512)
     overrides.setdefault("eos_token_id", EOS)
@@ -36,7 +51,7 @@ def tiny_model_dir(tmp_path, config_cls, seed: int = 0, **overrides):
     model.generation_config.eos_token_id = EOS
     model.generation_config.pad_token_id = EOS
     model.save_pretrained(tmp_path, safe_serialization=True)
-    byte_tokenizer().save_pretrained(tmp_path)
+    (tokenizer or byte_tokenizer()).save_pretrained(tmp_path)
     return str(tmp_path), model
 
 

@@ -192,3 +192,20 @@ def test_chat_applies_the_template(tiny):
 def test_unknown_model_paths_are_clear():
     with pytest.raises((FileNotFoundError, ValueError), match="no-such-model"):
         LLM(model="/nonexistent/no-such-model")
+
+
+def test_classify_takes_token_ids_like_generate(tiny):
+    llm, _ = tiny
+    tok = llm.get_tokenizer()
+    prompts = ["the cat sat on the", "an apple a day"]
+    ids = [tok.encode(p) for p in prompts]
+    labels = ["mat", "doctor"]
+    by_text = llm.classify(prompts, labels, use_tqdm=False)
+    by_ids = llm.classify(ids, labels, use_tqdm=False)
+    one = llm.classify(ids[1], labels, use_tqdm=False)  # a single token-id prompt, as generate takes it
+    assert [r.probs for r in by_ids] == [r.probs for r in by_text]
+    assert one[0].probs == pytest.approx(by_text[1].probs, rel=1e-6)  # another batch: same maths
+    assert [r.prompt_token_ids for r in by_ids] == ids and by_ids[0].prompt is None
+    assert llm.classify([[]], labels, use_tqdm=False)[0].error == "the prompt is empty"
+    with pytest.raises(TypeError, match="string or a list of token ids"):
+        llm.classify([3.5], labels, use_tqdm=False)

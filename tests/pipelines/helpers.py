@@ -66,3 +66,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def rendered_rows(cfg):
+    """All the job's input rows through the read stage (read, render, tokenize), in process (no
+    Ray): what the engine stage receives."""
+    import pyarrow as pa
+
+    from batchlm.pipelines.runner import id_column_name
+    from batchlm.pipelines.sources import plan_units
+    from batchlm.pipelines.stages import ReadRender
+
+    units = plan_units(cfg.input, cfg.output.rows_per_shard)
+    return ReadRender(cfg, id_column_name(cfg), [])(pa.Table.from_pylist([u.to_dict() for u in units]))
+
+
+def run_engine_stage(stage, batch):
+    """One EngineStage call, in process (its __call__ is async, as Ray Data runs it)."""
+    import asyncio
+
+    return asyncio.run(stage(batch))

@@ -62,10 +62,10 @@ def _env_line(seen: list[Seen]) -> str:
 def test_first_line_live_progress_inside_one_unit_and_quiet_stderr(tmp_path, tiny_model):
     rows = 120
     out = tmp_path / "out"
-    # ONE unit (rows_per_shard > rows) and ONE engine call (batch_size > rows); 2 sequences at a
+    # ONE unit (rows_per_shard > rows) and ONE engine call (batch_size > rows); one sequence at a
     # time, each 200 tokens, so the unit takes about half a minute and rows finish all along it.
     job = tiny_job(tiny_model, str(out), input={"limit": rows}, task={"prompt": "Summarize: {{ text[:40] }}"},
-                   model={"max_num_seqs": 2},
+                   model={"max_num_seqs": 1},
                    sampling={"max_tokens": 200, "ignore_eos": True},
                    resources={"batch_size": 1000}, output={"rows_per_shard": 1000})
     rc, seen = _watch(["run", write_yaml(tmp_path / "job.yaml", job)], tmp_path / "run.log", out, timeout=400)
