@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from batchlm.kernels.dispatch import ATTENTION_BACKENDS
 from batchlm.quantization.config import parse_quantization
 from batchlm.speculative.config import parse_speculative_config
 
@@ -60,6 +59,10 @@ class EngineConfig:
             bad("kv_cache_memory", "> 0 bytes")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             bad("gpu_memory_utilization", "in (0, 1]")
+        # NOTE: imported here, not at the top: batchlm.kernels imports torch, and this module
+        # must not (tests/speculative/test_ngram.py checks that importing it leaves torch out).
+        from batchlm.kernels.dispatch import ATTENTION_BACKENDS
+
         if self.attention_backend not in ATTENTION_BACKENDS:
             bad("attention_backend", "one of " + ", ".join(ATTENTION_BACKENDS))
         parse_quantization(self.quantization)  # raises ValueError naming the field

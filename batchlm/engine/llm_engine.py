@@ -41,6 +41,7 @@ from batchlm.prompts import default_max_model_len, prompt_error
 from batchlm.sampling import Sampler, SamplingRow, prompt_logprobs, request_generator, token_logprobs
 from batchlm.sampling_params import SamplingParams
 from batchlm.speculative import NgramProposer, SpecStats, parse_speculative_config
+from batchlm.speculative.adaptive import next_length
 
 _NO_MORE_LOGITS = 1 << 62
 _TRUNCATE_HINT = "set truncate_prompt_tokens to keep the last tokens"
@@ -227,7 +228,8 @@ class LLMEngine:
         """Speculative decoding: proposals for every running decode, at most
         as many as its max_tokens (less the token verification adds anyway)
         and max_model_len leave room for; none in a step with more running
-        decodes than speculative_config.disable_by_batch_size."""
+        decodes than speculative_config.disable_by_batch_size. Each sequence
+        proposes up to its own adapted length (speculative.adaptive)."""
         decodes = []
         for seq in self.scheduler.running:
             seq.spec_token_ids = []
@@ -241,7 +243,8 @@ class LLMEngine:
             room = self.max_model_len - seq.num_tokens
             if p.max_tokens is not None:
                 room = min(room, p.max_tokens - seq.num_output_tokens - 1)
-            limits.append(max(0, min(room, self.spec_config.num_speculative_tokens)))
+            k = self.spec_config.num_speculative_tokens if seq.spec_k is None else seq.spec_k
+            limits.append(max(0, min(room, k)))
         if self.draft is not None:
             self.draft.propose(decodes, limits, self.block_manager)
             return
@@ -287,6 +290,8 @@ class LLMEngine:
             row += sl.num_rows
             if drafts:
                 self.spec_stats.record(len(drafts), accepted)
+                seq.spec_k = next_length(seq.spec_k or self.spec_config.num_speculative_tokens, len(drafts),
+                                         accepted, self.spec_config.num_speculative_tokens)
                 self.scheduler.accept_speculation(seq)  # before finish: publishes the accepted blocks
             if stop is not None:
                 self.scheduler.finish(seq, *stop)

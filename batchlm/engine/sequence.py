@@ -35,6 +35,8 @@ class Sequence:
     # scheduler budgets 1 + len(spec_token_ids) tokens for it and the engine
     # keeps the accepted prefix (Scheduler.accept_speculation).
     spec_token_ids: list[int] = field(default_factory=list)
+    # How many tokens to propose next (speculative.adaptive); None: the configured k.
+    spec_k: int | None = None
     # Draft-model speculation: positions whose draft keys/values are in the
     # draft's cache (never more than num_computed_tokens after a step).
     draft_computed_tokens: int = 0

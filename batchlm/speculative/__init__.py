@@ -4,6 +4,7 @@ Modules:
 - config.py  SpeculativeConfig, parse_speculative_config (plain Python)
 - ngram.py   NgramProposer: prompt lookup over a sequence's own tokens (plain Python)
 - stats.py   SpecStats: proposed, accepted, mean acceptance length
+- adaptive.py  next_length: each sequence's next proposal length from its own acceptance
 
 The draft-model proposer needs torch and the engine's model runner: it is
 engine/draft.py. Verification (scoring the proposals in one step and keeping

@@ -144,6 +144,22 @@ def test_a_large_batch_does_not_speculate(pair):
     assert llm.engine.spec_stats.proposed > 0
 
 
+def test_proposal_lengths_follow_each_sequences_acceptance(pair):
+    # A repeating prompt: prompt lookup proposes k tokens that a random model mostly rejects, so the
+    # sequence's length drops to 1 (accepted + 1) and proposes less than k per verification.
+    _, spec = pair
+    k = NGRAM["num_speculative_tokens"]
+    before = spec.engine.spec_stats.verifications
+    outs, (proposed, accepted) = _run(spec, _prompts(1), SamplingParams(temperature=0, max_tokens=40,
+                                                                      ignore_eos=True))
+    verifications = spec.engine.spec_stats.verifications - before
+    assert verifications > 0 and proposed > 0
+    if accepted < proposed:  # something was rejected: later verifications proposed fewer than k
+        assert proposed < k * verifications
+    else:
+        assert proposed > verifications  # all accepted: lengths stayed above one
+
+
 def test_a_draft_model_that_cannot_serve_is_refused_clearly(pair, tmp_path):
     from transformers import AutoTokenizer
 
