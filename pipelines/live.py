@@ -3,13 +3,16 @@
 Contract
 --------
 - `ProgressSink`: a small Ray actor (no CPU slot) that the driver starts with `start_sink()`; it
-  sums what the engines report: rows finished (with errors and prompt/output tokens) and
-  engines up (with their model-load time, for the driver's notes).
+  sums what the engines report: rows finished (with errors and prompt/output tokens),
+  engines up (with their model-load time, for the driver's notes), and each engine's
+  speculative-decoding totals (the latest per engine process, summed over them).
 - `StageReporter(sink)`: lives in an engine actor (`EngineStage`). `engine_up(load_s)` once,
   after the model is loaded; `finished(output)` for each request as the engine finishes it
   (`LLM.generate`/`classify`'s `on_finished`); `rows_failed(n)` for rows that never reached the
   engine. It sends what it gathered at most every `SEND_EVERY` seconds and on `flush()` (the end
   of each engine call), as fire-and-forget calls: a lost message only delays the live figures.
+  Given the engine's `SpecStats`, each flush also sends its running totals (cumulative, so a lost
+  message loses nothing).
   Without a sink every method is a no-op.
 - `LiveFeed(sink, progress)`: one driver thread that asks the sink twice a second and hands the
   sums to `Progress.live`, notes each engine that comes up, and calls `Progress.tick`. `stop()`
@@ -37,6 +40,7 @@ class ProgressSink:
     def __init__(self):
         self.rows = self.errors = self.in_tok = self.out_tok = 0
         self.engines: list[dict] = []  # {"pid", "host", "load_s"} per engine start, in order
+        self.spec: dict[int, dict] = {}  # pid -> that engine's SpecStats.as_dict(), the latest
 
     def add(self, rows: int, errors: int, in_tok: int, out_tok: int) -> None:
         self.rows += rows
@@ -47,9 +51,13 @@ class ProgressSink:
     def engine_up(self, pid: int, host: str, load_s: float) -> None:
         self.engines.append({"pid": pid, "host": host, "load_s": load_s})
 
+    def speculation(self, pid: int, totals: dict) -> None:
+        self.spec[pid] = totals
+
     def snapshot(self) -> dict:
+        spec = {k: sum(t[k] for t in self.spec.values()) for k in ("proposed", "accepted", "verifications")}
         return {"rows": self.rows, "errors": self.errors, "in_tok": self.in_tok, "out_tok": self.out_tok,
-                "engines": list(self.engines)}
+                "engines": list(self.engines), "spec": spec}
 
 
 def start_sink():
@@ -61,10 +69,17 @@ def start_sink():
 class StageReporter:
     """An engine actor's side: gathers finished requests, sends the sums every SEND_EVERY s."""
 
-    def __init__(self, sink=None):
+    def __init__(self, sink=None, spec_stats=None):
         self.sink = sink
+        self.spec_stats = spec_stats  # the engine's SpecStats when it speculates
         self._rows = self._errors = self._in_tok = self._out_tok = 0
         self._sent = time.monotonic()
+
+    @classmethod
+    def of(cls, llm, sink=None) -> StageReporter:
+        """The reporter of an engine actor's LLM (with its SpecStats when it speculates)."""
+        engine = llm.engine
+        return cls(sink, engine.spec_stats if engine.spec_config is not None else None)
 
     def engine_up(self, load_s: float) -> None:
         if self.sink is not None:
@@ -85,7 +100,11 @@ class StageReporter:
 
     def flush(self) -> None:
         self._sent = time.monotonic()
-        if self.sink is None or not self._rows:
+        if self.sink is None:
+            return
+        if self.spec_stats is not None and self.spec_stats.verifications:
+            self.sink.speculation.remote(os.getpid(), self.spec_stats.as_dict())
+        if not self._rows:
             return
         self.sink.add.remote(self._rows, self._errors, self._in_tok, self._out_tok)
         self._rows = self._errors = self._in_tok = self._out_tok = 0
@@ -121,6 +140,7 @@ class LiveFeed:
 
     def _take(self, snap: dict) -> None:
         engines = snap.pop("engines")
+        self.progress.speculation = snap.pop("spec")
         for e in engines[self._seen:]:
             self._seen += 1
             self.progress.note(f"engine {self._seen} up on {e['host']} (pid {e['pid']}): "

@@ -127,7 +127,7 @@ class BatchEngineStage:
         self.tok = self.llm.get_tokenizer()
         self.vocab = int(self.llm.engine.hf_config.vocab_size)
         self.trace_path = trace_path
-        self.report = StageReporter(progress_sink)  # live progress to the driver (live.py)
+        self.report = StageReporter.of(self.llm, progress_sink)  # live progress to the driver (live.py)
         self.report.engine_up(time.monotonic() - t0)
 
     def _prompt(self, req: Request):

@@ -53,6 +53,8 @@ class Progress:
         self.engines = engines
         self.errors = self.rows_this_run = 0
         self.in_tok = self.out_tok = 0  # this run's committed tokens
+        # this run's speculative decoding, summed over engines: proposed, accepted, verifications
+        self.speculation: dict[str, int] = {}
         self.live_counts = LiveCounts()
         self.t0 = time.monotonic()
         self.t_up: float | None = None  # when the first engine was up: the rates' clock
@@ -142,7 +144,7 @@ class Progress:
 
 def summary(*, rows: int, total: int, errors: int, error_examples: list[str], in_tok: int, out_tok: int,
             wall: float, generated_rows: int, run_in_tok: int, run_out_tok: int, where: str,
-            complete: bool, all_failed: bool = False) -> str:
+            complete: bool, all_failed: bool = False, speculation: dict | None = None) -> str:
     """Counts are of the whole output; rates of this run's work over this run's wall time."""
     lines = [
         "=" * 60,
@@ -158,6 +160,10 @@ def summary(*, rows: int, total: int, errors: int, error_examples: list[str], in
         f"{generated_rows / max(wall, 1e-9):.2f} rows/s (this run)",
         f"  output          {where}",
     ]
+    if speculation and speculation.get("verifications"):
+        p, a, v = speculation["proposed"], speculation["accepted"], speculation["verifications"]
+        lines.insert(-1, f"  speculation     {p} tokens proposed, {a} accepted ({100 * a / max(p, 1):.1f}%), "
+                         f"mean acceptance length {1 + a / v:.2f} (this run)")
     if error_examples:
         lines.append("  first errors:")
         lines += [f"    {e}" for e in error_examples[:5]]

@@ -454,5 +454,6 @@ def _finish(store: Store, manifest: Manifest, job: PreparedJob, generated: int, 
     print(summary(rows=totals.rows, total=job.plan.total_rows, errors=totals.errors, error_examples=examples,
                   in_tok=totals.input_tokens, out_tok=totals.output_tokens, wall=wall,
                   generated_rows=generated, run_in_tok=progress.in_tok, run_out_tok=progress.out_tok,
-                  where=store.where(), complete=complete, all_failed=all_failed), file=stream)
+                  where=store.where(), complete=complete, all_failed=all_failed,
+                  speculation=progress.speculation), file=stream)
     return result

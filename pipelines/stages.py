@@ -202,7 +202,7 @@ class EngineStage:
         self.labels = labels
         self.label_ids = label_token_ids(self.llm.get_tokenizer(), labels) if task_type == "classify" else None
         self.trace_path = trace_path
-        self.report = StageReporter(progress_sink)  # live progress to the driver (live.py)
+        self.report = StageReporter.of(self.llm, progress_sink)  # live progress to the driver (live.py)
         self.report.engine_up(time.monotonic() - t0)
         self._done: dict[str, object] = {}  # finished engine outputs, by request id, until their call takes them
         self._next = itertools.count()

@@ -146,3 +146,19 @@ def test_a_failing_stage_is_one_error_line_naming_the_units(tmp_path, tiny_model
     stray = [ln for ln in p.stderr.splitlines()
              if ln.strip() and not ln.startswith("error: ") and (not OWN.match(ln) or RAY_MARKS.search(ln))]
     assert not stray, p.stderr[-3000:]
+
+
+def test_the_summary_reports_speculation(tmp_path, tiny_model):
+    # n-gram speculation with 1-token lookups always finds something to propose in English text
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 2}
+    job = tiny_job(tiny_model, str(tmp_path / "out"), input={"limit": 8}, output={"rows_per_shard": 8},
+                   model={"speculative_config": spec}, sampling={"max_tokens": 24, "ignore_eos": True})
+    proc = cli("run", write_yaml(tmp_path / "job.yaml", job))
+    assert proc.returncode == 0, proc.stderr
+    line = next((ln for ln in proc.stderr.splitlines() if ln.startswith("  speculation")), None)
+    assert line is not None, proc.stderr
+    m = re.match(r"  speculation\s+(\d+) tokens proposed, (\d+) accepted \([\d.]+%\), "
+                 r"mean acceptance length ([\d.]+) \(this run\)$", line)
+    assert m, line
+    proposed, accepted, mean = int(m[1]), int(m[2]), float(m[3])
+    assert proposed > 0 and 0 <= accepted <= proposed and mean >= 1.0
