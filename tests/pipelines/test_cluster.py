@@ -22,11 +22,14 @@ ROWS = 16
 
 def test_ray_job_submit_to_local_head(tmp_path, tiny_model):
     ray_bin = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
-    port, dash = free_port(), free_port()
+    # NOTE: the agent's HTTP port too: its default (52365) is taken whenever another Ray runs on this
+    # machine (an embedded Ray of another test or job), and then no job can be submitted.
+    port, dash, agent = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     head = start_driver([ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
                          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                         "--num-cpus=2", "--disable-usage-stats"], env, tmp_path / "head.log")
+                         f"--dashboard-agent-listen-port={agent}", "--num-cpus=2", "--disable-usage-stats"],
+                        env, tmp_path / "head.log")
     try:
         work = tmp_path / "work"
         work.mkdir()

@@ -23,6 +23,11 @@ def s3(monkeypatch):
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
+    # NOTE: moto keeps its buckets in process-wide state, so a server started by an earlier test in
+    # this process (test_openai_batch uses this fixture too) would leave its buckets here: start empty.
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"))
     for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                  "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(k, v)
