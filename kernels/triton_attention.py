@@ -66,6 +66,21 @@ def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
 
 
 @triton.jit
+def _online_softmax_step(acc, m_i, l_i, scores, val_ptrs, kv_mask, dot_dtype):
+    """One key block of streaming softmax attention: scores [R, BLOCK_SIZE] (-inf where
+    masked) and the block's values -> the running (acc, max, sum). A row that sees
+    nothing in this block keeps a finite max, so exp() gives 0, not NaN."""
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(scores - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    val = tl.load(val_ptrs, mask=kv_mask, other=0.0).to(dot_dtype)
+    acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), val, input_precision="ieee")
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr,
                          part_acc_ptr, part_ml_ptr, scale, window, num_splits,
                          stride_qt, stride_qh, stride_table, cache_head_stride,
@@ -105,13 +120,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_p
         key = tl.load(k_cache_ptr + rows, mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_SIZE, BLOCK_D]
         scores = tl.dot(q, tl.trans(key), input_precision="ieee") * scale  # [BLOCK_G, BLOCK_SIZE]
         scores = tl.where(valid[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        val = tl.load(v_cache_ptr + rows, mask=kv_mask, other=0.0).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), val, input_precision="ieee")
-        m_i = m_new
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, scores, v_cache_ptr + rows, kv_mask, q.dtype)
     # Partials: acc [B, H, S, D] (unnormalized), (m, l) [B, H, S, 2]; an empty split leaves (-inf, 0).
     part = (b * H + heads).to(tl.int64) * num_splits + s
     tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc, mask=gm[:, None] & dm[None, :])
@@ -186,16 +195,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, tables_ptr, seq_le
             allowed = kpos[None, :] <= qpos[:, None]
             allowed = allowed & ((window <= 0) | (kpos[None, :] > qpos[:, None] - window))
             scores = tl.where(allowed, scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            # NOTE: a row may see nothing in this block (all before its
-            # window): keep its max finite so exp() gives 0, not NaN.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(scores - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            val = tl.load(v_cache_ptr + rows, mask=kv_mask, other=0.0).to(q.dtype)
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), val, input_precision="ieee")
-            m_i = m_new
+            # a row may see nothing in this block (all before its window): see the helper
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, scores, v_cache_ptr + rows, kv_mask, q.dtype)
         l_i = tl.where(rm, l_i, 1.0)
         o = acc / l_i[:, None]
         tl.store(out_ptr + (q0 + r)[:, None].to(tl.int64) * stride_ot + h * stride_oh + d[None, :],
