@@ -97,13 +97,13 @@ def add_arguments(p) -> None:
                         "measures the pipeline alone, as if the engine were on a GPU")
 
 
-def _bare(cfg, rows: int) -> tuple[float, int]:
+def _bare(cfg, rows: int) -> tuple[float, int, dict]:
     import pyarrow as pa
 
     from batchlm import LLM
     from batchlm.pipelines.runner import id_column_name
     from batchlm.pipelines.sources import plan_units
-    from batchlm.pipelines.stages import ReadRender
+    from batchlm.pipelines.stages import ReadRender, StepClock
 
     # the rows read, rendered and tokenized by the job's own read stage: the same token ids
     units = plan_units(cfg.input, cfg.output.rows_per_shard)
@@ -114,10 +114,27 @@ def _bare(cfg, rows: int) -> tuple[float, int]:
 
         torch.set_num_threads(max(1, int(cfg.resources.cpus_per_replica)))
     llm = LLM(**cfg.model.engine_kwargs())
+    clock, engine = StepClock(), llm.engine
+    step = engine.step
+    engine.step = lambda: clock.step(step)  # the actor's StepClock, around the same call
     t0 = time.monotonic()
     outs = llm.generate(prompts, cfg.sampling.params(), use_tqdm=False)
     dt = time.monotonic() - t0
-    return dt, sum(len(o.outputs[0].token_ids) for o in outs)
+    del engine.step
+    return dt, sum(len(o.outputs[0].token_ids) for o in outs), clock.as_dict()
+
+
+def _engine_time(calls: list[dict]) -> dict:
+    """Per engine process, StepClock totals between its first and last call (the trace's lines carry
+    them cumulatively, so the last call's own steps are not in them): steps, time stepping, CPU."""
+    out = {"steps": 0, "step_wall_s": 0.0, "step_cpu_s": 0.0, "window_s": 0.0}
+    for pid in {c["pid"] for c in calls}:
+        mine = sorted((c for c in calls if c["pid"] == pid), key=lambda c: c["t"])
+        first, last = mine[0], mine[-1]
+        for k in ("steps", "step_wall_s", "step_cpu_s"):
+            out[k] += last.get(k, 0) - first.get(k, 0)
+        out["window_s"] += last["t"] - first["t"]
+    return out
 
 
 def _enough_rows(cfg, rows: int, tmp: str) -> str:
@@ -149,6 +166,10 @@ def _enough_rows(cfg, rows: int, tmp: str) -> str:
     path = os.path.join(tmp, "bench-input.parquet")
     pq.write_table(pa.concat_tables(copies).slice(0, rows), path)
     return path
+
+
+def _ms(seconds: float, steps: int) -> float | None:
+    return round(1000 * seconds / steps, 3) if steps else None
 
 
 def build_tiny_model(out_dir: str, base: str) -> str:
@@ -188,7 +209,7 @@ def bench_pipeline(args) -> int:
             overrides += [f"model.name={build_tiny_model(os.path.join(tmp, 'tiny-model'), cfg.model.name)}",
                           "model.dtype=float32"]
         cfg = load_config(args.config, overrides)
-        bare_s, bare_tokens = _bare(cfg, args.rows)
+        bare_s, bare_tokens, bare_clock = _bare(cfg, args.rows)
         trace = os.path.join(tmp, "trace.jsonl")
         os.environ["BATCHLM_UNIT_TRACE"] = trace
         t0 = time.time()
@@ -197,6 +218,7 @@ def bench_pipeline(args) -> int:
         calls = [json.loads(line) for line in open(trace)]
         first_call = min(c["t"] for c in calls)
         idle = sum(c.get("idle", 0.0) for c in calls)  # the engine empty between calls
+        engine = _engine_time(calls)
     steady = end - first_call
     n = result.generated_rows
     fig = {
@@ -208,6 +230,11 @@ def bench_pipeline(args) -> int:
         "steady_ratio": round(bare_s / steady, 3), "end_to_end_ratio": round(bare_s / (end - t0), 3),
         "output_tokens": result.output_tokens, "bare_output_tokens": bare_tokens,
         "engine_idle_s": round(idle, 2),
+        "bare_steps": bare_clock["steps"], "bare_step_ms": _ms(bare_clock["step_wall_s"], bare_clock["steps"]),
+        "bare_step_cpu_ms": _ms(bare_clock["step_cpu_s"], bare_clock["steps"]),
+        "pipeline_steps": engine["steps"], "pipeline_step_ms": _ms(engine["step_wall_s"], engine["steps"]),
+        "pipeline_step_cpu_ms": _ms(engine["step_cpu_s"], engine["steps"]),
+        "pipeline_engine_busy": round(engine["step_wall_s"] / engine["window_s"], 3) if engine["window_s"] else None,
     }
     print(f"bare LLM.generate      {n} rows in {bare_s:7.2f} s  {fig['bare_rows_per_s']:.3f} rows/s")
     print(f"batchlm run (steady)   {n} rows in {steady:7.2f} s  {fig['pipeline_steady_rows_per_s']:.3f} rows/s"
@@ -215,5 +242,9 @@ def bench_pipeline(args) -> int:
     print(f"batchlm run (end2end)  {n} rows in {end - t0:7.2f} s  {fig['pipeline_rows_per_s']:.3f} rows/s"
           f"  = {fig['end_to_end_ratio']:.0%} of bare (includes Ray start and the actor's model load)")
     print(f"engine idle between batches: {idle:.2f} s of the steady {steady:.2f} s")
+    print(f"engine steps: bare {fig['bare_steps']} x {fig['bare_step_ms']} ms ({fig['bare_step_cpu_ms']} ms CPU); "
+          f"pipeline {fig['pipeline_steps']} x {fig['pipeline_step_ms']} ms ({fig['pipeline_step_cpu_ms']} ms CPU), "
+          f"stepping {fig['pipeline_engine_busy']:.0%} of the time between its first and last call"
+          if fig["pipeline_engine_busy"] is not None else "engine steps: one engine call only, no figure")
     print(json.dumps(fig))
     return 0

@@ -71,6 +71,32 @@ def output_schema(task_type: str, labels: list[str] | None):
     return pa.schema([pa.field(name, arrow(kind)) for name, kind in _columns(task_type)])
 
 
+class StepClock:
+    """Time spent inside `engine.step()`: steps, wall seconds and this thread's CPU seconds.
+
+    The unit trace records it (cumulative, per engine process) so `bench pipeline` can tell an
+    engine that waits for work (stepping less than the wall time) from one slowed while it steps
+    (CPU below wall inside the step: another process had the core)."""
+
+    def __init__(self):
+        self.steps = 0
+        self.wall_s = 0.0
+        self.cpu_s = 0.0
+
+    def step(self, step_fn) -> list:
+        """`step_fn()` (an engine's bound `step`), timed."""
+        t, c = time.perf_counter(), time.thread_time()
+        try:
+            return step_fn()
+        finally:
+            self.steps += 1
+            self.wall_s += time.perf_counter() - t
+            self.cpu_s += time.thread_time() - c
+
+    def as_dict(self) -> dict:
+        return {"steps": self.steps, "step_wall_s": round(self.wall_s, 4), "step_cpu_s": round(self.cpu_s, 4)}
+
+
 @dataclass(frozen=True)
 class EncodedPrompt:
     """One row's prompt as the engine gets it, and what the length rule decided."""
@@ -207,12 +233,13 @@ class EngineStage:
         self._done: dict[str, object] = {}  # finished engine outputs, by request id, until their call takes them
         self._next = itertools.count()
         self._idle_since: float | None = None  # when the engine last ran out of requests (trace only)
+        self.clock = StepClock()  # time inside engine.step (trace only)
 
     def _trace(self, units) -> None:
         """`idle`: how long the engine sat empty before this call (no request to step)."""
         now = time.time()
         idle, self._idle_since = (now - self._idle_since if self._idle_since else 0.0), None
-        trace_units(self.trace_path, units, idle)
+        trace_units(self.trace_path, units, idle, self.clock)
 
     def _submit(self, ids: list[int]) -> str:
         rid = f"row-{next(self._next)}"
@@ -241,7 +268,7 @@ class EngineStage:
                 break
             if not engine.has_unfinished_requests():
                 raise RuntimeError(f"the engine lost {len(pending)} requests")
-            for out in engine.step():
+            for out in self.clock.step(engine.step):
                 self._done[out.request_id] = out
                 self.report.finished(out)
             await asyncio.sleep(0)
@@ -292,9 +319,10 @@ class EngineStage:
         out["num_input_tokens"][i] = r.num_prompt_tokens
 
 
-def trace_units(trace_path: str | None, units, idle: float = 0.0) -> None:
+def trace_units(trace_path: str | None, units, idle: float = 0.0, clock: StepClock | None = None) -> None:
     """BATCHLM_UNIT_TRACE: one JSON line per (unit, rows) an engine call generates (a debugging aid);
-    `idle` (seconds the engine sat empty before the call) goes on the call's first line."""
+    `idle` (seconds the engine sat empty before the call) goes on the call's first line, and every
+    line carries the engine's StepClock totals so far (when given)."""
     if not trace_path:
         return
     counts: dict[int, int] = {}
@@ -303,5 +331,6 @@ def trace_units(trace_path: str | None, units, idle: float = 0.0) -> None:
     now = time.time()
     with open(trace_path, "a") as f:  # O_APPEND: whole lines from concurrent actors
         for u, n in sorted(counts.items()):
-            f.write(json.dumps({"unit": u, "rows": n, "pid": os.getpid(), "t": now, "idle": round(idle, 4)}) + "\n")
+            line = {"unit": u, "rows": n, "pid": os.getpid(), "t": now, "idle": round(idle, 4)}
+            f.write(json.dumps({**line, **(clock.as_dict() if clock else {})}) + "\n")
             idle = 0.0

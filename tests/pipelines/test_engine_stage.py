@@ -53,6 +53,9 @@ def test_concurrent_calls_share_one_busy_engine(tmp_path, tiny_model):
     calls = [json.loads(line) for line in trace.read_text().splitlines()]
     assert [c["idle"] for c in calls[:-1]] == [0.0] * (len(calls) - 1)
     assert calls[-1]["idle"] >= 0.2
+    # the step clock: the first call had stepped nothing yet, the last counts every step before it
+    assert calls[0]["steps"] == 0 and calls[-1]["steps"] == len(held)
+    assert 0 < calls[-1]["step_cpu_s"] <= calls[-1]["step_wall_s"] * 1.05 + 0.01
 
 
 def test_bench_tiny_model_and_repeated_input(tmp_path):
