@@ -27,7 +27,8 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes for the KV cache (CPU); None: device default
     gpu_memory_utilization: float = 0.9
     seed: int = 0
-    attention_backend: str = "auto"  # auto (CUDA: triton, CPU: torch) | torch | triton (kernels/dispatch.py)
+    # auto (the PyTorch references for now) | torch | triton: Triton attention and layer kernels (kernels/dispatch.py)
+    attention_backend: str = "auto"
     # None, "int8", "int8_dynamic", "int4", "int4_g32|64|128", "fp8", or a dict
     # {"method", "group_size", "lm_head"} (batchlm/quantization/config.py).
     quantization: str | dict[str, Any] | None = None

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from batchlm.config import EngineConfig
-from batchlm.kernels import AttentionMetadata, TorchPagedAttention, get_attention_backend
+from batchlm.kernels import AttentionMetadata, TorchPagedAttention, get_attention_backend, get_layer_kernels
 from batchlm.kernels import triton_attention as ta
+from batchlm.kernels.triton_layers import TritonLayerKernels
 
 D = 32
 
@@ -147,9 +148,17 @@ def test_dispatch(monkeypatch):
     assert isinstance(get_attention_backend("cuda", "auto", torch.float8_e4m3fn), TorchPagedAttention)
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         get_attention_backend("cpu", "triton", torch.float8_e4m3fn)
+    # the layer kernels follow the same switch: None (the models' own code) unless Triton is chosen
+    assert get_layer_kernels("cpu") is None and get_layer_kernels("cpu", "torch") is None
+    assert get_layer_kernels("cuda", "auto") is None  # AUTO_TRITON_ON_CUDA stays off until a GPU run
+    assert isinstance(get_layer_kernels("cpu", "triton"), TritonLayerKernels)
+    with pytest.raises(ValueError, match="attention backend"):
+        get_layer_kernels("cpu", "flash")
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         get_attention_backend("cpu", "triton")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        get_layer_kernels("cpu", "triton")
     assert os.environ.get("TRITON_INTERPRET") is None
 
 
