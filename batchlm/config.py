@@ -35,6 +35,10 @@ class EngineConfig:
     # torch.compile the model's layers (attention stays eager): fused norms,
     # rotary and activations; costs ~10 s of compiling when the engine starts.
     compile_model: bool = False
+    # False (vLLM's default): on CUDA with attention_backend="triton", decode steps replay CUDA
+    # graphs captured per batch-size bucket (engine/cuda_graphs.py; never run on a GPU yet).
+    # True: always eager. No effect on the CPU, with the reference attention or compile_model.
+    enforce_eager: bool = False
     # None, or {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": a,
     # "prompt_lookup_max": b} / {"method": "draft", "model": ..., "num_speculative_tokens": k}
     # (batchlm/speculative/config.py).

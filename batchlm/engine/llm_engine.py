@@ -88,6 +88,10 @@ class LLMEngine:
                                   config.block_size, kv_dtype, device)
         if self.draft is not None:
             self.draft.allocate_cache(res.num_blocks, config.block_size, kv_dtype, device)
+        self.cuda_graphs = uses_cuda_graphs(config, device, attention)
+        if self.cuda_graphs:
+            self.runner.enable_cuda_graphs(config.max_num_seqs, self.max_model_len, self.hf_config.hidden_size,
+                                           dtype)
         self.sampler = Sampler(self.hf_config.vocab_size, device, seed=config.seed)
         self.eos_token_ids = _eos_ids(self.hf_config, self.tokenizer, self.model_dir)
         self.output = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
@@ -315,6 +319,14 @@ class LLMEngine:
     def prefix_cache_hit_rate(self) -> float:
         bm = self.block_manager
         return bm.hit_tokens / bm.query_tokens if bm.query_tokens else 0.0
+
+
+def uses_cuda_graphs(config: EngineConfig, device: torch.device, attention) -> bool:
+    """Whether decode steps replay CUDA graphs: on CUDA, unless enforce_eager or
+    compile_model, with an attention backend whose launches a graph can hold
+    (Triton's; the reference attention loops over host-side lengths)."""
+    return (device.type == "cuda" and not config.enforce_eager and not config.compile_model
+            and getattr(attention, "name", None) == "triton")
 
 
 def _proposer(spec) -> NgramProposer | None:

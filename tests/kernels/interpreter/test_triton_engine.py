@@ -70,3 +70,24 @@ def test_layer_kernels_other_models_greedy_match_torch(tmp_path, name):
     llm, got = generate(d, "triton", ps)
     assert isinstance(llm.engine.model.model.kernels, TritonLayerKernels)
     assert got == ref, f"{name} prompts={ps}"
+
+
+def test_cuda_graph_static_forward_greedy_matches_torch(model_dir):
+    # What a CUDA graph would hold (static input buffer, padding rows writing
+    # into the dummy block, split count from graph_max_blocks), run eagerly at
+    # each decode step: no GPU here to capture it. Three sequences stopping
+    # after 8, 5 and 3 tokens: decode batches 3, 2 and 1 (buckets 4, 2, 1).
+    ps = prompts()[:3]
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (8, 5, 3)]
+    ref_llm = LLM(model=model_dir, dtype="float32", kv_cache_memory=1 << 22, attention_backend="torch")
+    ref = [o.outputs[0].token_ids for o in ref_llm.generate(ps, params, use_tqdm=False)]
+    llm = LLM(model=model_dir, dtype="float32", kv_cache_memory=1 << 22, attention_backend="triton",
+              max_num_seqs=4)
+    eng = llm.engine
+    assert not eng.cuda_graphs  # the CPU never captures
+    eng.runner.enable_cuda_graphs(4, eng.max_model_len, eng.hf_config.hidden_size, eng.dtype, capture=False)
+    got = [o.outputs[0].token_ids for o in llm.generate(ps, params, use_tqdm=False)]
+    assert got == ref, f"prompts={ps}"
+    assert [len(t) for t in got] == [8, 5, 3]
+    replays = eng.runner.graphs.replays
+    assert replays[4] >= 1 and replays[2] >= 1 and replays[1] >= 1, replays

@@ -167,3 +167,18 @@ def test_backend_refuses_shapes_it_cannot_run():
         ta.TritonPagedAttention.kv_cache_shape(64, 8, 2, 64)
     with pytest.raises(ValueError, match="head_dim >= 16"):
         ta.TritonPagedAttention.kv_cache_shape(64, 16, 2, 8)
+
+
+@pytest.mark.parametrize("window", [None, 13])
+def test_graph_capture_bound_gives_the_same_decode(window):
+    # Under a CUDA graph the decode launches as many splits as graph_max_blocks
+    # needs (host lengths are placeholders then): the extra splits are empty
+    # and must not change the result.
+    seed = random.SystemRandom().randrange(1 << 30)
+    q, k, v, k_cache, v_cache, meta = make_step([(300, 1), (7, 1), (0, 1)], 3, 16, torch.float32, seed)
+    ref = TorchPagedAttention().forward(q, k, v, k_cache.clone(), v_cache.clone(), meta, 0.125, window)
+    meta.graph_max_blocks = 64  # 4 splits of SPLIT_BLOCKS, where these contexts need at most 2
+    meta.seq_lens_list = [1] * 3  # placeholders, as under capture: must not be read
+    out = ta.TritonPagedAttention("cpu").forward(q, k, v, k_cache, v_cache, meta, 0.125, window)
+    assert meta.derived[("triton_splits", window)] == -(-64 // ta.SPLIT_BLOCKS)
+    assert max_rel_err(out, ref) < 1e-4, f"seed={seed}"
