@@ -54,6 +54,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model's layers (LLM(compile_model=True))")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="kernels: triton = Triton attention + layer kernels (CUDA; CPU: interpreter)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps (CUDA)")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON here")
     p.set_defaults(argv=None)
 
