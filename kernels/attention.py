@@ -56,11 +56,8 @@ class AttentionMetadata:
     # Per-step values a backend derives once and reuses in every layer (masks,
     # index tensors). Owned by the backend; starts empty each step.
     derived: dict = field(default_factory=dict)
-    # Set while a CUDA graph is captured (batchlm.engine.cuda_graphs): the
-    # blocks a sequence may hold. The host lists are then placeholders that
-    # replays will not match, so a backend takes its launch shapes from this
-    # bound and reads lengths only from the tensors; one that cannot is never
-    # captured (the engine captures only with TritonPagedAttention).
+    # Set under CUDA-graph capture (engine/cuda_graphs.py): the most blocks a sequence holds. The host
+    # lists are then placeholders: launch shapes come from this bound (only Triton's backend is captured).
     graph_max_blocks: int | None = None
 
 
