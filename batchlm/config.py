@@ -27,13 +27,18 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes for the KV cache (CPU); None: device default
     gpu_memory_utilization: float = 0.9
     seed: int = 0
-    attention_backend: str = "auto"  # auto (CUDA: triton, CPU: torch) | torch | triton (kernels/dispatch.py)
+    # auto (the PyTorch references for now) | torch | triton: Triton attention and layer kernels (kernels/dispatch.py)
+    attention_backend: str = "auto"
     # None, "int8", "int8_dynamic", "int4", "int4_g32|64|128", "fp8", or a dict
     # {"method", "group_size", "lm_head"} (batchlm/quantization/config.py).
     quantization: str | dict[str, Any] | None = None
     # torch.compile the model's layers (attention stays eager): fused norms,
     # rotary and activations; costs ~10 s of compiling when the engine starts.
     compile_model: bool = False
+    # False (vLLM's default): on CUDA with attention_backend="triton", decode steps replay CUDA
+    # graphs captured per batch-size bucket (engine/cuda_graphs.py; never run on a GPU yet).
+    # True: always eager. No effect on the CPU, with the reference attention or compile_model.
+    enforce_eager: bool = False
     # None, or {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": a,
     # "prompt_lookup_max": b} / {"method": "draft", "model": ..., "num_speculative_tokens": k}
     # (batchlm/speculative/config.py).

@@ -56,6 +56,9 @@ class AttentionMetadata:
     # Per-step values a backend derives once and reuses in every layer (masks,
     # index tensors). Owned by the backend; starts empty each step.
     derived: dict = field(default_factory=dict)
+    # Set under CUDA-graph capture (engine/cuda_graphs.py): the most blocks a sequence holds. The host
+    # lists are then placeholders: launch shapes come from this bound (only Triton's backend is captured).
+    graph_max_blocks: int | None = None
 
 
 class _DecodeGroup(NamedTuple):

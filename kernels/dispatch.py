@@ -1,12 +1,22 @@
 """The one place that picks a kernel implementation for a device.
 
-`auto` (the default) picks the PyTorch reference on every device for now:
-the Triton kernels are checked under Triton's interpreter and compiled for
-sm_80/sm_90 ahead of time, but no GPU has run them yet, so they are opt-in
-(`name="triton"`) until the GPU test module has passed on a card; then auto
-sends CUDA tensors to Triton (AUTO_TRITON_ON_CUDA). On the CPU "triton" runs
-Triton's interpreter, which needs TRITON_INTERPRET=1 in the environment
-before the kernels are imported.
+One switch, `attention_backend` (engine option and YAML), picks the
+implementation of every kernel: the paged attention
+(`get_attention_backend`) and the fused layer kernels (`get_layer_kernels`:
+residual add + RMSNorm, rotary embedding, SiLU-and-multiply).
+
+- "torch": the PyTorch references everywhere (the models run their own code).
+- "triton": the Triton kernels; on the CPU they run in Triton's interpreter,
+  which needs TRITON_INTERPRET=1 in the environment before triton is imported.
+- "auto" (the default): the PyTorch references on every device for now. The
+  Triton kernels are checked under Triton's interpreter and compiled for
+  sm_80/sm_90 ahead of time, but no GPU has run them yet, so they are opt-in
+  until the GPU tests (tests/gpu/) have passed on a card; then auto sends
+  CUDA tensors to Triton (AUTO_TRITON_ON_CUDA = True). An fp8 KV cache keeps
+  the reference attention under auto (the Triton attention does not read it).
+
+`get_layer_kernels` returns None for the references: the models then run
+their PyTorch code unchanged (the CPU path, bit for bit).
 """
 from __future__ import annotations
 
@@ -27,6 +37,24 @@ AUTO_TRITON_ON_CUDA = False
 TRITON_CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _use_triton(device: torch.device, name: str | None, cache_ok: bool = True) -> bool:
+    """Whether `name` on `device` means the Triton kernels; raises ValueError
+    when Triton is forced but cannot run here."""
+    name = name or "auto"
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
+    if name == "torch" or (name == "auto" and (not AUTO_TRITON_ON_CUDA or device.type != "cuda"
+                                               or not cache_ok or not _triton_installed())):
+        return False
+    if not _triton_installed():
+        raise ValueError("attention_backend='triton' needs the triton package: pip install 'batchlm[triton]'")
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("attention_backend='triton' on the CPU runs Triton's interpreter: set "
+                         "TRITON_INTERPRET=1 in the environment before starting (or use "
+                         "attention_backend='torch')")
+    return True
+
+
 def get_attention_backend(device: torch.device | str, name: str | None = None,
                           kv_cache_dtype: torch.dtype | None = None):
     """Return the paged-attention backend for `device`.
@@ -35,26 +63,26 @@ def get_attention_backend(device: torch.device | str, name: str | None = None,
     AUTO_TRITON_ON_CUDA, when triton is installed and the cache dtype is one
     it reads); "torch" or "triton" forces one.
     """
-    name = name or "auto"
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
     device = torch.device(device)
     triton_cache = kv_cache_dtype is None or kv_cache_dtype in TRITON_CACHE_DTYPES
-    if name == "torch" or (name == "auto" and (not AUTO_TRITON_ON_CUDA or device.type != "cuda"
-                                               or not triton_cache or not _triton_installed())):
-        return TorchPagedAttention()
-    if not triton_cache:
+    if name == "triton" and not triton_cache:
         raise ValueError(f"attention_backend='triton' reads KV caches in float32, bfloat16 or float16, "
                          f"not {kv_cache_dtype} (kv_cache_dtype); use attention_backend='auto' or 'torch'")
-    if not _triton_installed():
-        raise ValueError("attention_backend='triton' needs the triton package: pip install 'batchlm[triton]'")
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("attention_backend='triton' on the CPU runs Triton's interpreter: set "
-                         "TRITON_INTERPRET=1 in the environment before starting (or use "
-                         "attention_backend='torch')")
+    if not _use_triton(device, name, triton_cache):
+        return TorchPagedAttention()
     from batchlm.kernels.triton_attention import TritonPagedAttention
 
     return TritonPagedAttention(device)
+
+
+def get_layer_kernels(device: torch.device | str, name: str | None = None):
+    """The fused layer kernels for `device` under the same switch, or None:
+    the models then run their own PyTorch code (see the module docstring)."""
+    if not _use_triton(torch.device(device), name):
+        return None
+    from batchlm.kernels.triton_layers import TritonLayerKernels
+
+    return TritonLayerKernels()
 
 
 def _triton_installed() -> bool:

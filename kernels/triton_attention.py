@@ -351,7 +351,9 @@ class TritonPagedAttention:
         if nd:
             key = ("triton_splits", window)
             splits = meta.derived.get(key)
-            if splits is None:  # once per step and window, not per layer
+            if splits is None and meta.graph_max_blocks is not None:  # a CUDA graph: the most any replay needs
+                splits = meta.derived[key] = -(-meta.graph_max_blocks // SPLIT_BLOCKS)
+            elif splits is None:  # once per step and window, not per layer
                 splits = meta.derived[key] = decode_splits(meta.seq_lens_list[:nd], meta.block_size, window)
             paged_decode(q[:nd], k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, window,
                          out[:nd], splits)

@@ -17,7 +17,10 @@ lives; the tests compare against it), within float rounding:
   up] (models.llama.MLP) -> out [N, I].
 Outputs are written whole. Rows must have a unit last stride. On the CPU
 they run only in Triton's interpreter (see triton_attention.interpreter_enabled).
-Not yet called by the models (the GPU engine path is a later part of issue 11).
+
+`TritonLayerKernels` is what the models call (batchlm.models.llama, when
+batchlm.kernels.dispatch.get_layer_kernels gives one): the same three ops
+allocating their outputs, on tensors of any leading shape.
 """
 from __future__ import annotations
 
@@ -137,3 +140,40 @@ def launch_configs(hidden: int, head_dim: int, rot_dim: int, intermediate: int,
                    _rotary_constexprs(head_dim, rot_dim // 2)))
     out.append(cfg(_silu_and_mul_kernel, [act, act, "i32", "i32"], _silu_constexprs(intermediate)))
     return out
+
+
+class TritonLayerKernels:
+    """The layer kernels as the models call them (outputs allocated here)."""
+
+    name = "triton"
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(x + residual), x + residual): residual [N, dim] is updated
+        in place; with residual None, (RMSNorm(x), x). x: [..., dim]."""
+        dim = x.shape[-1]
+        x2 = x.reshape(-1, dim)  # [N, dim] (a copy only for a view that cannot be flattened)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+        add_rms_norm(x2, residual, weight, eps, out)
+        return out.view(x.shape), (x if residual is None else residual)
+
+    @staticmethod
+    def rotary(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, D] (unit last stride) rotated at positions [T] int64 -> a fresh [T, heads, D]."""
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        rotary(x, positions, cos, sin, out)
+        return out
+
+    @staticmethod
+    def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up [N, 2I] -> silu(gate) * up [N, I]."""
+        if gate_up.stride(-1) != 1:
+            gate_up = gate_up.contiguous()
+        out = torch.empty((gate_up.shape[0], gate_up.shape[1] // 2), dtype=gate_up.dtype, device=gate_up.device)
+        silu_and_mul(gate_up, out)
+        return out

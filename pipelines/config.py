@@ -231,7 +231,7 @@ def _check_formats(cfg: JobConfig) -> None:
 _PERF_ONLY_MODEL_FIELDS = {
     "device", "max_num_seqs", "max_num_batched_tokens", "block_size", "enable_prefix_caching",
     "enable_chunked_prefill", "kv_cache_memory", "gpu_memory_utilization", "attention_backend",
-    "compile_model",
+    "compile_model", "enforce_eager",
 }
 
 

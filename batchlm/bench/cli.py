@@ -1,4 +1,4 @@
-"""`python -m batchlm bench throughput|classify|quality|...`: the benchmark commands.
+"""`python -m batchlm bench throughput|classify|quality|kernels|...`: the benchmark commands.
 
 Contract: `register(subparsers)` adds `bench` with its own subcommands, each
 with `set_defaults(func=handler)`; a handler takes the parsed args and returns
@@ -54,6 +54,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model's layers (LLM(compile_model=True))")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="kernels: triton = Triton attention + layer kernels (CUDA; CPU: interpreter)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps (CUDA)")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON here")
     p.set_defaults(argv=None)
 
@@ -137,6 +140,44 @@ def _add_quality(sub) -> None:
     p.set_defaults(func=_run_quality)
 
 
+def _add_kernels(sub) -> None:
+    p = sub.add_parser("kernels", help="each kernel's time, GB/s and TFLOP/s vs this device's copy/matmul ceilings",
+                       description="Time the paged attention (decode, prefill), the KV-cache write and the layer "
+                                   "kernels (residual add + RMSNorm, rotary, SiLU-and-mul): Triton and the PyTorch "
+                                   "references on CUDA, the references only on the CPU. Sizes default per device "
+                                   "(CUDA: decode 256 seqs x 1024 context).")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    shapes = p.add_argument_group("shapes (default: the default model's, SmolLM2-135M)")
+    for name, default in (("heads", 9), ("kv-heads", 3), ("head-dim", 64), ("hidden", 576),
+                          ("intermediate", 1536), ("block-size", 16)):
+        shapes.add_argument(f"--{name}", type=_positive, default=default)
+    sizes = p.add_argument_group("sizes (default per device: batchlm/bench/kernels.py SIZES)")
+    for name in ("decode-seqs", "decode-context", "prefill-seqs", "prefill-len", "tokens", "copy-mib",
+                 "matmul-n"):
+        sizes.add_argument(f"--{name}", type=_positive, default=None)
+    p.add_argument("--warmup", type=_positive, default=3)
+    p.add_argument("--repeats", type=_positive, default=20)
+    p.add_argument("--json", metavar="OUT", help="also write the report as JSON here")
+    p.set_defaults(func=_run_kernels)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _run_kernels(args) -> int:
+    from batchlm.bench.kernels import run
+
+    return run(args)
+
+
 def _run_throughput(args) -> int:
     from batchlm.bench.throughput import run
 
@@ -172,11 +213,12 @@ def _run_quality(args) -> int:
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("bench", help="benchmarks: throughput, classify, quality, ...")
+    p = subparsers.add_parser("bench", help="benchmarks: throughput, classify, quality, kernels, ...")
     bench_sub = p.add_subparsers(dest="bench_command", required=True)
     _add_throughput(bench_sub)
     _add_classify(bench_sub)
     _add_quality(bench_sub)
+    _add_kernels(bench_sub)
     for name in EXTRA_BENCH_MODULES:
         try:
             module = importlib.import_module(name)

@@ -170,7 +170,8 @@ def _engine(args, kwargs: dict):
     return LLM(model=args.model, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens,
                enable_prefix_caching=not args.no_prefix_caching,
-               kv_cache_memory=args.kv_cache_memory, seed=args.seed, compile_model=args.compile, **kwargs)
+               kv_cache_memory=args.kv_cache_memory, seed=args.seed, compile_model=args.compile,
+               attention_backend=args.attention_backend, enforce_eager=args.enforce_eager, **kwargs)
 
 
 def _describe(llm) -> str:

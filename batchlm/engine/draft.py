@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from batchlm.engine.model_runner import ModelRunner
-from batchlm.kernels import get_attention_backend
+from batchlm.kernels import get_attention_backend, get_layer_kernels
 from batchlm.models import kv_cache_shape, load_model
 
 
@@ -58,10 +58,11 @@ class DraftProposer:
 
     @classmethod
     def load(cls, spec, dtype, device, attention_backend: str, target_tokenizer,
-             target_vocab_size: int) -> "DraftProposer":
+             target_vocab_size: int, layer_kernels: bool = False) -> "DraftProposer":
         attention = get_attention_backend(device, attention_backend)
+        layers = get_layer_kernels(device, attention_backend) if layer_kernels else None
         try:
-            loaded = load_model(spec.model, dtype, device, attention, None)
+            loaded = load_model(spec.model, dtype, device, attention, None, layers)
         except (OSError, ValueError) as e:
             raise ValueError(f"speculative_config.model: cannot load the draft model {spec.model!r}: {e}") from e
         if loaded.tokenizer.get_vocab() != target_tokenizer.get_vocab():

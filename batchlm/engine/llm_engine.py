@@ -34,7 +34,7 @@ from batchlm.engine.model_runner import ModelRunner
 from batchlm.engine.output_processor import OutputProcessor, Request, ScoreOutput
 from batchlm.engine.scheduler import Scheduler
 from batchlm.engine.sequence import Sequence
-from batchlm.kernels import get_attention_backend
+from batchlm.kernels import get_attention_backend, get_layer_kernels
 from batchlm.models import kv_cache_shape, load_model
 from batchlm.outputs import RequestOutput
 from batchlm.prompts import default_max_model_len, prompt_error
@@ -57,7 +57,9 @@ class LLMEngine:
         device, dtype, kv_dtype = resolve_resources(config)
         self.device = device
         attention = get_attention_backend(device, config.attention_backend, kv_dtype)
-        loaded = load_model(config.model, dtype, device, attention, config.quantization)
+        # NOTE: compile_model fuses the layer ops itself: the PyTorch code then (layer kernels None).
+        layers = None if config.compile_model else get_layer_kernels(device, config.attention_backend)
+        loaded = load_model(config.model, dtype, device, attention, config.quantization, layers)
         self.loaded = loaded  # what was loaded: quantization, kernel plan, weight source
         self.model = loaded.module
         if config.compile_model:
@@ -75,7 +77,7 @@ class LLMEngine:
         block_bytes = ModelRunner.bytes_per_block(num_layers, kv_heads, head_dim, config.block_size, kv_dtype)
         if self.spec_config is not None and self.spec_config.method == "draft":
             self.draft = DraftProposer.load(self.spec_config, dtype, device, config.attention_backend,
-                                            self.tokenizer, self.hf_config.vocab_size)
+                                            self.tokenizer, self.hf_config.vocab_size, layers is not None)
             block_bytes += self.draft.bytes_per_block(config.block_size, kv_dtype)
         res: EngineResources = EngineResources.plan(config, device, kv_dtype, block_bytes)
         self.block_manager = BlockManager(res.num_blocks, config.block_size, config.enable_prefix_caching)
@@ -86,6 +88,10 @@ class LLMEngine:
                                   config.block_size, kv_dtype, device)
         if self.draft is not None:
             self.draft.allocate_cache(res.num_blocks, config.block_size, kv_dtype, device)
+        self.cuda_graphs = uses_cuda_graphs(config, device, attention)
+        if self.cuda_graphs:
+            self.runner.enable_cuda_graphs(config.max_num_seqs, self.max_model_len, self.hf_config.hidden_size,
+                                           dtype)
         self.sampler = Sampler(self.hf_config.vocab_size, device, seed=config.seed)
         self.eos_token_ids = _eos_ids(self.hf_config, self.tokenizer, self.model_dir)
         self.output = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
@@ -313,6 +319,14 @@ class LLMEngine:
     def prefix_cache_hit_rate(self) -> float:
         bm = self.block_manager
         return bm.hit_tokens / bm.query_tokens if bm.query_tokens else 0.0
+
+
+def uses_cuda_graphs(config: EngineConfig, device: torch.device, attention) -> bool:
+    """Whether decode steps replay CUDA graphs: on CUDA, unless enforce_eager or
+    compile_model, with an attention backend whose launches a graph can hold
+    (Triton's; the reference attention loops over host-side lengths)."""
+    return (device.type == "cuda" and not config.enforce_eager and not config.compile_model
+            and getattr(attention, "name", None) == "triton")
 
 
 def _proposer(spec) -> NgramProposer | None:

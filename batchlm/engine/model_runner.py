@@ -4,6 +4,11 @@ It owns the model and the paged KV cache tensors, and turns the scheduler's
 plain list of (sequence, num_tokens) into the flat token batch and the
 AttentionMetadata the attention backend needs. It knows nothing about
 sampling, stopping or requests.
+
+With `enable_cuda_graphs` (CUDA, a Triton attention backend: the engine
+decides), steps where every sequence decodes one token replay a captured
+CUDA graph (batchlm.engine.cuda_graphs; never run yet: no GPU was at hand);
+other steps, and batches larger than max_num_seqs, run eagerly.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from batchlm.engine.graph_plan import DecodeRow
 from batchlm.kernels.attention import AttentionMetadata
 
 
@@ -35,8 +41,11 @@ class ModelRunner:
         self.model = model
         self.device = device
         self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.graphs = None  # DecodeGraphs, once enable_cuda_graphs ran
         # One (key, value) pair per layer, laid out as the attention backend wants.
-        shape = attention.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
+        # NOTE: one block more than the block manager has: the CUDA graphs' padding rows write there.
+        shape = attention.kv_cache_shape(num_blocks + 1, block_size, num_kv_heads, head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=kv_dtype, device=device), torch.zeros(shape, dtype=kv_dtype, device=device))
             for _ in range(num_layers)
@@ -107,8 +116,37 @@ class ModelRunner:
         )
         return ids, pos, meta, layout
 
+    def enable_cuda_graphs(self, max_num_seqs: int, max_model_len: int, hidden_size: int,
+                           dtype: torch.dtype, capture: bool = True) -> None:
+        """capture=False: the graphs' static forward, run eagerly (a CPU check; see cuda_graphs)."""
+        from batchlm.engine.cuda_graphs import DecodeGraphs
+
+        width = -(-max_model_len // self.block_size)
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs, width, self.block_size,
+                                   self.num_blocks, hidden_size, dtype, self.device, capture)
+
+    def _graph_step(self, scheduled) -> RunResult | None:
+        """The step through a CUDA graph, or None when it cannot take one."""
+        g = self.graphs
+        if (not g.fits(len(scheduled)) or any(n != 1 for _, n in scheduled)
+                or any(len(seq.block_table) > g.width for seq, _ in scheduled)):
+            return None
+        order = sorted((seq for seq, _ in scheduled), key=lambda s: -s.num_tokens)  # as _prepare
+        bs = self.block_size
+        rows = []
+        for seq in order:
+            c = seq.num_computed_tokens
+            rows.append(DecodeRow(seq.token_ids[c], c, seq.block_table[c // bs] * bs + c % bs, c + 1,
+                                  seq.block_table))
+        hidden = g.run(rows)  # [n, hidden]: a view of the graph's output, valid until the next step
+        return RunResult(hidden, [LayoutEntry(seq, 1, i) for i, seq in enumerate(order)])
+
     @torch.inference_mode()
     def run(self, scheduled) -> RunResult:
+        if self.graphs is not None:
+            result = self._graph_step(scheduled)
+            if result is not None:
+                return result
         ids, pos, meta, layout = self._prepare(scheduled)
         hidden = self.model(ids, pos, self.kv_caches, meta)  # [T, hidden]
         return RunResult(hidden, layout)

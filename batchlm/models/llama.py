@@ -3,9 +3,14 @@ SmolLM2), Mistral, Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm).
 
 Contract
 --------
-`Cls(hf_config, attention_backend, dtype)`; the backend follows
-batchlm.kernels.attention (`forward(q, k, v, k_cache, v_cache, meta, scale)`)
-and is held by the module, never looked up globally.
+`Cls(hf_config, attention_backend, dtype, layer_kernels=None)`; the backend
+follows batchlm.kernels.attention (`forward(q, k, v, k_cache, v_cache, meta,
+scale)`) and is held by the module, never looked up globally. layer_kernels
+(from batchlm.kernels.get_layer_kernels): None runs the PyTorch code below
+(the CPU path); otherwise its fused ops run instead (`rms_norm(x, residual,
+weight, eps)` with the residual add folded in, `rotary`, `silu_and_mul`:
+kernels/triton_layers.TritonLayerKernels), and the residual stream is carried
+beside the hidden states from layer to layer (`_forward_kernels`).
 - `forward(input_ids [T] int64, positions [T] int64, kv_caches, meta) -> hidden
   [T, hidden_size]` (after the final norm); `kv_caches[i] = (k_cache, v_cache)`
   of layer i, each `[num_blocks, block_size, num_kv_heads, head_dim]`.
@@ -68,6 +73,10 @@ class RMSNorm(nn.Module):
             out = out.to(x.dtype)
         return out.mul_(self.weight)
 
+    def fused(self, kernels, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """The layer-kernels path: (RMSNorm(x + residual), x + residual), the residual updated in place."""
+        return kernels.rms_norm(x, residual, self.weight, self.eps)
+
 
 def sliding_windows(config) -> list[int | None]:
     """The attention window of each layer (None: full causal attention)."""
@@ -106,16 +115,21 @@ class Attention(nn.Module):
         self.rotary = rotary  # shared by all layers
         self.attn = attention_backend
 
-    def forward(self, x, rope, kv_cache, meta):
+    def forward(self, x, rope, kv_cache, meta, kernels=None):
+        # rope: (cos, sin) from RotaryEmbedding.lookup; with kernels: (positions, cos table, sin table)
         T = x.shape[0]
         H, KVH = self.num_heads, self.num_kv_heads
         heads = self.qkv_proj(x).view(T, H + 2 * KVH, self.head_dim)  # [T, H + 2 KVH, D]
         qk, v = heads.split([H + KVH, KVH], dim=1)  # [T, H + KVH, D], [T, KVH, D]
         if self.q_norm is not None:
             q, k = qk.split([H, KVH], dim=1)
-            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)  # [T, H + KVH, D]
+            if kernels is None:
+                qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)  # [T, H + KVH, D]
+            else:
+                qk = torch.cat((self.q_norm.fused(kernels, q)[0], self.k_norm.fused(kernels, k)[0]), dim=1)
         # One rotary pass over queries and keys together.
-        q, k = self.rotary.apply(qk, *rope).split([H, KVH], dim=1)  # [T, H, D], [T, KVH, D]
+        rotated = self.rotary.apply(qk, *rope) if kernels is None else kernels.rotary(qk, *rope)
+        q, k = rotated.split([H, KVH], dim=1)  # [T, H, D], [T, KVH, D]
         out = self.attn.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window)  # [T, H, D]
         return self.o_proj(out.reshape(T, self.q_size))
 
@@ -136,6 +150,13 @@ class MLP(nn.Module):
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)  # [T, inter] each
         return self.down_proj(self.act(gate) * up)
 
+    def forward_kernels(self, x, kernels):
+        gate_up = self.gate_up_proj(x)  # [T, 2 inter]
+        if self.act is F.silu:
+            return self.down_proj(kernels.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.inter, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, config, attention_backend, rotary, qkv_bias, o_bias, qk_norm, window):
@@ -149,10 +170,19 @@ class DecoderLayer(nn.Module):
         h = h + self.self_attn(self.input_layernorm(h), rope, kv_cache, meta)
         return h + self.mlp(self.post_attention_layernorm(h))
 
+    def forward_kernels(self, x, residual, rope, kv_cache, meta, kernels):
+        """x: the previous layer's MLP output (the embeddings, with residual None,
+        for the first layer) -> (this layer's MLP output, the residual stream)."""
+        h, residual = self.input_layernorm.fused(kernels, x, residual)  # residual += x
+        a = self.self_attn(h, rope, kv_cache, meta, kernels)
+        h, residual = self.post_attention_layernorm.fused(kernels, a, residual)  # residual += a
+        return self.mlp.forward_kernels(h, kernels), residual
+
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, attention_backend, dtype, qkv_bias, o_bias, qk_norm):
+    def __init__(self, config, attention_backend, dtype, qkv_bias, o_bias, qk_norm, layer_kernels=None):
         super().__init__()
+        self.kernels = layer_kernels
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         # NOTE: one table shared by every layer (it holds no parameters or buffers).
         rotary = RotaryEmbedding(config, head_dim_of(config), dtype)
@@ -163,11 +193,23 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids, positions, kv_caches, meta):
+        if self.kernels is not None:
+            return self._forward_kernels(input_ids, positions, kv_caches, meta)
         h = self.embed_tokens(input_ids)  # [T, hidden]
         rope = self.rotary.lookup(positions)  # cos, sin: [T, 1, rot_dim / 2]
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             h = layer(h, rope, kv_cache, meta)
         return self.norm(h)
+
+    def _forward_kernels(self, input_ids, positions, kv_caches, meta):
+        # NOTE: the same sums in the same order as forward (h + attn, h + mlp),
+        # each rounded to the activation dtype; the kernels fold them into the norms.
+        x = self.embed_tokens(input_ids)  # [T, hidden]; becomes the residual stream (updated in place)
+        rope = (positions, *self.rotary.tables(positions.device))  # tables: [max_positions, rot_dim / 2]
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x, residual = layer.forward_kernels(x, residual, rope, kv_cache, meta, self.kernels)
+        return self.norm.fused(self.kernels, x, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -180,12 +222,12 @@ class LlamaForCausalLM(nn.Module):
     def o_bias(self, config) -> bool:
         return bool(getattr(config, "attention_bias", False))
 
-    def __init__(self, config, attention_backend, dtype: torch.dtype = torch.float32):
+    def __init__(self, config, attention_backend, dtype: torch.dtype = torch.float32, layer_kernels=None):
         super().__init__()
         self.config = config
         self.dtype = dtype
         self.model = LlamaModel(config, attention_backend, dtype, self.qkv_bias(config),
-                                self.o_bias(config), self.qk_norm)
+                                self.o_bias(config), self.qk_norm, layer_kernels)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head = None

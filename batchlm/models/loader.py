@@ -2,7 +2,8 @@
 
 Contract
 --------
-`load_model(model, dtype, device, attention, quantization=None) -> LoadedModel`:
+`load_model(model, dtype, device, attention, quantization=None, layer_kernels=None) -> LoadedModel`
+(layer_kernels: None, or batchlm.kernels.get_layer_kernels' fused ops, given to the module):
 1. resolves `model` to a local HF-format directory (batchlm.models.resolve:
    short name, directory, or .gguf converted once and cached);
 2. finds its safetensors (pickle-only directories are refused, ValueError);
@@ -94,7 +95,7 @@ def load_tokenizer(model_dir: Path):
 
 
 def load_model(model: str, dtype: torch.dtype | str | None, device: torch.device | str,
-               attention, quantization=None) -> LoadedModel:
+               attention, quantization=None, layer_kernels=None) -> LoadedModel:
     qcfg = parse_quantization(quantization)
     gguf = gguf_source(str(model)) if qcfg is not None else None
     model_dir, name = resolve_model(str(model), weights=gguf is None)
@@ -109,7 +110,7 @@ def load_model(model: str, dtype: torch.dtype | str | None, device: torch.device
     dtype = resolve_dtype(config, dtype)
     device = torch.device(device)
     with torch.device("meta"):
-        module = cls(config, attention, dtype)
+        module = cls(config, attention, dtype, layer_kernels)
         sinks = swap_in(module, qcfg, dtype) if qcfg is not None else []
     module.to_empty(device=device)
     module.load_weights(weights)

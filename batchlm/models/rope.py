@@ -75,6 +75,13 @@ class RotaryEmbedding(nn.Module):
         self.rot_dim = 2 * inv_freq.numel()
         self.head_dim = head_dim
 
+    def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The half-width tables cos, sin [max_positions, rot_dim / 2] on `device`
+        (what a rotary kernel reads: batchlm.kernels.triton_layers)."""
+        if self.cos.device != device:
+            self.cos, self.sin = self.cos.to(device), self.sin.to(device)
+        return self.cos, self.sin
+
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin: [T, 1, rot_dim] for positions [T] (see the contract); once per forward."""
         if self.cos.device != positions.device:
