@@ -37,6 +37,7 @@ import os
 
 import llguidance
 import llguidance.hf
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -92,7 +93,6 @@ class StructuredDecoding:
         self._templates: dict[str, llguidance.LLMatcher] = {}  # spec.key -> compiled, unused matcher
         self._executor = None  # llguidance's thread pool, made on first use
         self._parallel = (os.cpu_count() or 1) >= _PARALLEL_CPUS
-        self._shifts = torch.arange(32, dtype=torch.int32)  # [32] bit positions within a mask word
 
     @property
     def num_compiled(self) -> int:
@@ -128,11 +128,19 @@ class StructuredDecoding:
         else:
             for i, (_, g) in enumerate(rows):  # each call drops the GIL
                 g.matcher.unsafe_compute_mask_ptr(bitmask[i].data_ptr(), words * 4)
-        bits = (bitmask.unsqueeze(-1) >> self._shifts) & 1  # [n, W, 32]
-        allowed = torch.zeros(n, cols, dtype=torch.bool)  # [n, C]; columns >= 32 * W stay refused
-        k = min(cols, words * 32)
-        allowed[:, :k] = bits.view(n, words * 32)[:, :k].bool()
-        idx = torch.tensor([r for r, _ in rows], dtype=torch.long, device=logits.device)  # [n]
-        sub = logits.index_select(0, idx)  # [n, C]
-        sub.masked_fill_(~allowed.to(logits.device), float("-inf"))
-        logits.index_copy_(0, idx, sub)
+        # NOTE: bit t of a row is token t (little-endian words); unpacking the
+        # inverted words gives the refused tokens as 0/1 bytes, viewed as bool.
+        refused = np.unpackbits((~bitmask.numpy()).view(np.uint8), axis=1, bitorder="little").view(np.bool_)
+        refused = torch.from_numpy(refused)  # [n, 32 * W]
+        if cols <= refused.shape[1]:
+            refused = refused[:, :cols]  # [n, C]
+        else:  # columns past the matcher's vocab: refused
+            refused = torch.cat([refused, refused.new_ones(n, cols - refused.shape[1])], dim=1)
+        refused = refused.to(logits.device)
+        first = rows[0][0]
+        if [r for r, _ in rows] == list(range(first, first + n)):  # contiguous rows: a view, in place
+            logits[first:first + n].masked_fill_(refused, float("-inf"))
+        else:
+            full = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)  # [B, C]
+            full[torch.tensor([r for r, _ in rows], device=logits.device)] = refused
+            logits.masked_fill_(full, float("-inf"))
