@@ -247,7 +247,7 @@ def run(args) -> int:
             from batchlm.bench.structured import structured_row
 
             row, summary["json_schema"] = structured_row(llm, args.json_schema_value, work, args.repeats,
-                                                         flops_of, gflops, rows[0])
+                                                         flops_of, gflops)
             rows.append(row)
         llm = None  # free its weights and KV cache before the next engine
         for spec in args.compare or []:
@@ -294,8 +294,8 @@ def run(args) -> int:
               f"tokens per verification")
     js = summary.get("json_schema")
     if js:
-        print(f"\nbatchlm json-schema / batchlm output tokens/s (same engine, same prompts): "
-              f"{js['ratio_output_tokens_per_s']:.2f}x; outputs valid: {js['valid']}/{js['outputs']} "
+        print(f"\nbatchlm json-schema / batchlm output tokens/s (same engine, same prompts, median of "
+              f"back-to-back pairs {js['pair_ratios']}): {js['ratio_output_tokens_per_s']:.2f}x; outputs valid: {js['valid']}/{js['outputs']} "
               f"({js['validated_with']}), cut by max_tokens: {js['cut_by_max_tokens']}")
     for spec, ratio in summary.get("compare", {}).items():
         print(f"\nbatchlm / batchlm {spec} output tokens/s (same process, same workload): {ratio:.2f}x")
