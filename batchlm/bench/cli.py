@@ -90,6 +90,10 @@ def _add_throughput(sub) -> None:
                    help="also time batchlm with this speculative_config in the same process on the same "
                         "prompts (e.g. '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}'), and print "
                         "the ratio, token-identical outputs, proposed/accepted and mean acceptance length")
+    p.add_argument("--json-schema", metavar="FILE",
+                   help="also time batchlm on the same engine and prompts with every output constrained to "
+                        "this JSON schema (greedy), and print the output tokens/s ratio to the unconstrained "
+                        "run and how many outputs validate")
     p.add_argument("--baseline", choices=["hf", "llamacpp"],
                    help="also run transformers generate (hf), or llama.cpp on the same GGUF file one "
                         "prompt at a time (llamacpp; needs llama-cpp-python, not a dependency)")
@@ -183,6 +187,12 @@ def _run_throughput(args) -> int:
 
     if args.skip_batchlm and args.baseline is None:
         raise SystemExit("bench throughput: --skip-batchlm needs --baseline hf or llamacpp")
+    if args.json_schema is not None:
+        if args.skip_batchlm:
+            raise SystemExit("bench throughput: --json-schema needs batchlm's run (drop --skip-batchlm)")
+        from batchlm.bench.structured import load_schema
+
+        args.json_schema_value = load_schema(args.json_schema)
     if args.speculative_config is not None:
         from batchlm.speculative import parse_speculative_config
 

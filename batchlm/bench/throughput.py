@@ -5,7 +5,9 @@ Contract: `run(args)` builds one workload (token ids, see workload.py), times
 `--repeats`), then with `--baseline hf` times transformers `generate` on the
 same token ids and the same weights (`LLM.model_dir`) for each of
 `--hf-batch-sizes`, keeps the best, prints the ratio of output tokens/s and
-how many outputs are token-identical. It also measures the machine's matmul
+how many outputs are token-identical. With `--json-schema` the same engine
+is timed again with every output constrained to the schema (structured.py).
+It also measures the machine's matmul
 rate and prints the roofline fraction each engine reached (roofline.py).
 Returns a process exit code; with `--json` the results are written there too.
 """
@@ -242,6 +244,12 @@ def run(args) -> int:
     if ran_batchlm:
         row, batchlm_tokens = _batchlm_row(llm, "batchlm", work, args.repeats, flops_of, gflops)
         rows.append(row)
+        if args.json_schema is not None:  # same engine, same prompts
+            from batchlm.bench.structured import structured_row
+
+            row, summary["json_schema"] = structured_row(llm, args.json_schema_value, work, args.repeats,
+                                                         flops_of, gflops)
+            rows.append(row)
         llm = None  # free its weights and KV cache before the next engine
         for spec in args.compare or []:
             other = _engine(args, spec_kwargs(spec))  # quantized configs: dtype auto
@@ -285,6 +293,11 @@ def run(args) -> int:
         print(f"speculation: {sp['proposed']} tokens proposed, {sp['accepted']} accepted "
               f"({sp['acceptance_rate']:.1%}), mean acceptance length {sp['mean_acceptance_length']:.2f} "
               f"tokens per verification")
+    js = summary.get("json_schema")
+    if js:
+        print(f"\nbatchlm json-schema / batchlm output tokens/s (same engine, same prompts, median of "
+              f"back-to-back pairs {js['pair_ratios']}): {js['ratio_output_tokens_per_s']:.2f}x; outputs valid: {js['valid']}/{js['outputs']} "
+              f"({js['validated_with']}), cut by max_tokens: {js['cut_by_max_tokens']}")
     for spec, ratio in summary.get("compare", {}).items():
         print(f"\nbatchlm / batchlm {spec} output tokens/s (same process, same workload): {ratio:.2f}x")
     if "ratio_output_tokens_per_s" in summary:
