@@ -1,6 +1,7 @@
 """batchlm: run a large language model over a large dataset, offline, fast."""
 from batchlm.outputs import ClassificationOutput, CompletionOutput, RequestOutput
 from batchlm.sampling_params import SamplingParams
+from batchlm.structured import StructuredOutputsParams
 
 __version__ = "0.1.0"
 
@@ -19,4 +20,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'batchlm' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "ClassificationOutput"]
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "ClassificationOutput"]

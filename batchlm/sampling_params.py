@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from batchlm.structured.params import StructuredOutputsParams
+
 
 @dataclass
 class SamplingParams:
@@ -29,6 +31,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # top-k logprobs per prompt token
     skip_special_tokens: bool = True
     truncate_prompt_tokens: int | None = None  # keep the last k prompt tokens
+    # Constrained decoding (batchlm.structured): a StructuredOutputsParams or a
+    # dict of its fields (the YAML form), checked here, before any generation.
+    structured_outputs: StructuredOutputsParams | dict | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -37,6 +42,7 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == 0:
             self.top_k = -1
+        self.structured_outputs = StructuredOutputsParams.from_value(self.structured_outputs)
         self._validate()
 
     def _validate(self):
