@@ -163,7 +163,8 @@ class SamplingConfig(_SamplingBase):
         if self.n != 1:
             raise ValueError("sampling.n: the batch job writes one completion per row; use n: 1")
         so = getattr(self, "structured_outputs", None)
-        if so is not None and len([k for k in _CONSTRAINTS if so.get(k) not in (None, False)]) != 1:
+        if (so is not None and set(so) <= set(_CONSTRAINTS)  # an unknown key: the engine names it
+                and len([k for k in _CONSTRAINTS if so.get(k) not in (None, False)]) != 1):
             raise ValueError(f"sampling.structured_outputs: exactly one of {', '.join(_CONSTRAINTS)} "
                              f"(got {', '.join(map(str, so)) or 'none'})")
         _dataclass_rules("sampling", self.params)

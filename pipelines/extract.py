@@ -56,7 +56,8 @@ class Kind:
             return pa.struct([pa.field(n, k.arrow_type(), nullable=k.nullable) for n, k in self.fields])
         if self.arrow == "list":
             return pa.list_(pa.field("item", self.item.arrow_type(), nullable=self.item.nullable))
-        return {"json": pa.string, "bool": pa.bool_}.get(self.arrow, getattr(pa, self.arrow))()
+        return {"json": pa.string, "string": pa.string, "bool": pa.bool_, "int64": pa.int64,
+                "float64": pa.float64}[self.arrow]()
 
 
 _JSON = Kind("json")
