@@ -20,9 +20,15 @@ Contract
   openai_batch` (the default for it); the keys that do not apply to it
   (`task`, `sampling`, `output.carry`, ...) and an openai_batch output of
   another input are refused, naming the key (`_check_formats`, the one place).
+- `task.type: extract` takes a JSON schema (`schema` inline, or `schema_path`
+  read once at load); its rules are in extract_config.py. `sampling_params()`
+  is the job's SamplingParams: `sampling`, plus for extract the schema as the
+  engine's JSON constraint (`structured_outputs`, a mapping in YAML).
 - `result_fields(cfg)` is the part of the config that changes results; its
   hash is stored in the output manifest so a resume with another config is
-  refused.
+  refused. It holds an extract schema as read (a schema_path's content), and
+  the keys added for structured output only when set, so older outputs keep
+  their hash.
 """
 from __future__ import annotations
 
@@ -67,8 +73,6 @@ class Label(_Section):
     description: str | None = None
 
 
-# The largest schema_path file read (a schema is a few KB; this guards against pointing at data).
-MAX_SCHEMA_BYTES = 1 << 20
 _EXTRACT_KEYS = ("schema", "schema_path")  # absent from result_fields unless set (older outputs keep their hash)
 
 with warnings.catch_warnings():
@@ -229,7 +233,9 @@ class JobConfig(_Section):
     def _format_rules(self):
         _check_formats(self)
         if self.task is not None and self.task.type == "extract":
-            _check_extract(self)
+            from batchlm.pipelines.extract_config import check_extract
+
+            check_extract(self)
         return self
 
     def sampling_params(self) -> SamplingParams:
@@ -273,53 +279,6 @@ def _check_formats(cfg: JobConfig) -> None:
     for key, bad, why in refused:
         if bad:
             raise ValueError(f"{key}: not used with input.format openai_batch: {why}")
-
-
-def _read_schema(path: str, storage_options: dict) -> dict:
-    """task.schema_path's JSON, through the storage layer (input.storage_options for s3://)."""
-    from batchlm.pipelines.storage import make_fs, store_errors
-
-    where = f"task.schema_path {path}"
-    try:
-        with store_errors(where):
-            fs, p = make_fs(path, storage_options)
-            size = fs.size(p)
-            if size > MAX_SCHEMA_BYTES:
-                raise ConfigError(f"{where}: {size} bytes; a schema file is at most {MAX_SCHEMA_BYTES}")
-            text = fs.cat_file(p).decode("utf-8")
-        return json.loads(text)
-    except ConfigError as e:
-        raise ValueError(str(e)) from None
-    except ValueError as e:  # JSONDecodeError
-        raise ValueError(f"{where}: not a JSON file: {e}") from None
-
-
-def _check_extract(cfg: JobConfig) -> None:
-    """An extract task's schema: read, checked, its columns free, and the engine's own rules."""
-    from batchlm.pipelines.extract import check_schema, column_names
-    from batchlm.pipelines.stages import output_columns
-
-    task = cfg.task
-    where = "task.schema" if task.schema is not None else f"task.schema_path {task.schema_path}"
-    if task.schema_path is not None:
-        task._loaded = _read_schema(task.schema_path, cfg.input.storage_options)
-        check_schema(task._loaded, where)
-    if getattr(cfg.sampling, "structured_outputs", None) is not None:
-        raise ValueError("sampling.structured_outputs: an extract task constrains output by its task.schema; "
-                         "remove sampling.structured_outputs")
-    id_name = cfg.input.id_column or "id"
-    taken = {name: "a standard output column" for name in output_columns("generate")}
-    taken.update({c: "a carried column (output.carry)" for c in cfg.output.carry})
-    taken[id_name] = f"the job's id column ({'input.id_column' if cfg.input.id_column else 'default id'})"
-    for name in column_names(task.json_schema):
-        if name in taken:
-            raise ValueError(f"{where}: property {name!r} would be written over {taken[name]}; rename the "
-                             "property (or the other column)")
-    try:
-        cfg.sampling_params()  # the engine's own check: the schema compiles to a grammar
-    except (ValueError, TypeError) as e:
-        why = str(e).removeprefix("StructuredOutputsParams.json is not valid: ")
-        raise ValueError(f"{where}: the engine cannot constrain output to this schema: {why}") from None
 
 
 # Engine options that change speed or memory, never the text produced.
