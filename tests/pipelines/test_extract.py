@@ -18,6 +18,7 @@ from batchlm.pipelines.stages import output_columns, output_schema
 from batchlm.pipelines.storage import Store
 
 from .helpers import cli, tiny_job, write_yaml
+from .test_s3 import s3  # noqa: F401 (the moto S3 fixture)
 
 PERSON = {
     "type": "object",
@@ -253,3 +254,15 @@ def test_typed_columns_round_trip_through_parquet(tmp_path):
     pq.write_table(table, tmp_path / "t.parquet")
     back = pq.read_table(tmp_path / "t.parquet")
     assert back.schema.equals(ex.arrow_schema()) and back.to_pylist()[0] == values
+
+
+def test_schema_path_on_s3_is_read_with_the_input_storage_options(tmp_path, s3):
+    fs, opts = s3
+    fs.pipe("batchlm-in/schemas/person.json", json.dumps(PERSON).encode())
+    job = tiny_job("m", "o", input={"storage_options": opts},
+                   task={"type": "extract", "schema_path": "s3://batchlm-in/schemas/person.json"})
+    cfg = load_config(write_yaml(tmp_path / "c.yaml", job))
+    assert cfg.task.json_schema == PERSON
+    job["task"]["schema_path"] = "s3://batchlm-in/schemas/missing.json"
+    e = _config_error(tmp_path, job)
+    assert "task.schema_path s3://batchlm-in/schemas/missing.json: not found" in e and "testing" not in e
