@@ -61,10 +61,15 @@ class LLM:
         prompts = list(prompts)
         params = self._params_list(sampling_params, len(prompts))
         ids = []
-        for prompt, p in zip(prompts, params):
-            rid = self._new_id()
-            self.engine.add_request(rid, prompt, p)
-            ids.append(rid)
+        try:
+            for prompt, p in zip(prompts, params):
+                rid = self._new_id()
+                self.engine.add_request(rid, prompt, p)
+                ids.append(rid)
+        except ValueError:  # e.g. a grammar this tokenizer cannot serve: nothing of this call runs
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
         return self._run(ids, use_tqdm, on_finished)
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True,

@@ -42,6 +42,7 @@ from batchlm.sampling import Sampler, SamplingRow, prompt_logprobs, request_gene
 from batchlm.sampling_params import SamplingParams
 from batchlm.speculative import NgramProposer, SpecStats, parse_speculative_config
 from batchlm.speculative.adaptive import next_length
+from batchlm.structured.decoding import StructuredDecoding
 
 _NO_MORE_LOGITS = 1 << 62
 _TRUNCATE_HINT = "set truncate_prompt_tokens to keep the last tokens"
@@ -89,6 +90,7 @@ class LLMEngine:
         self.sampler = Sampler(self.hf_config.vocab_size, device, seed=config.seed)
         self.eos_token_ids = _eos_ids(self.hf_config, self.tokenizer, self.model_dir)
         self.output = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
+        self.structured = StructuredDecoding(self.tokenizer, self.hf_config.vocab_size, self.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._ready: list = []  # outputs of requests rejected at admission
         self._arrival = itertools.count()
@@ -102,6 +104,9 @@ class LLMEngine:
                     params: SamplingParams | None = None, prompt_token_ids: list[int] | None = None) -> None:
         params = params or SamplingParams()
         text, ids = self._prompt_ids(prompt, prompt_token_ids)
+        # Grammars first: a spec this tokenizer cannot serve raises before the request is in.
+        grammars = ([self.structured.start(params) for _ in range(params.n)]
+                    if params.structured_outputs is not None else None)
         req = Request(request_id, text, ids, params)
         self._register(req)
         if params.truncate_prompt_tokens is not None and len(ids) > params.truncate_prompt_tokens:
@@ -118,6 +123,7 @@ class LLMEngine:
             seq = self._new_seq(req, i, ids, params)
             seq.logits_from = 0 if params.prompt_logprobs is not None and i == 0 else len(ids) - 1
             seq.generator = request_generator(params, self.device, index=i)
+            seq.grammar = grammars[i] if grammars else None
             if lead is not None and self.config.enable_prefix_caching:
                 seq.wait_for = lead
             lead = lead or seq
@@ -233,7 +239,9 @@ class LLMEngine:
         decodes = []
         for seq in self.scheduler.running:
             seq.spec_token_ids = []
-            if not seq.score_only and seq.num_tokens - seq.num_computed_tokens == 1:
+            # NOTE: constrained sequences never speculate (one sampling row, one mask).
+            if (not seq.score_only and seq.grammar is None
+                    and seq.num_tokens - seq.num_computed_tokens == 1):
                 decodes.append(seq)
         if len(decodes) > self.spec_config.disable_by_batch_size:
             return
@@ -259,8 +267,18 @@ class LLMEngine:
         when verification accepts it. Tokens are appended and checked for
         stops one at a time; the first that is not its row's proposal (or
         the last row's token, or a stop) ends the sequence's step, so nothing
-        past a stop or max_tokens is ever appended."""
-        batch = []
+        past a stop or max_tokens is ever appended.
+
+        Constrained sequences (structured outputs) first get their grammar's
+        mask on their row, before the sampler (so penalties, temperature and
+        filters, and the logprobs, see the masked logits, as in vLLM)."""
+        batch, constrained, row = [], [], 0
+        for sl in slices:
+            if sl.seq.grammar is not None:  # one row: constrained sequences don't speculate
+                sl.seq.grammar.sync(sl.seq.output_token_ids)
+                constrained.append((row, sl.seq.grammar))
+            row += sl.num_rows
+        self.structured.apply_masks_(logits, constrained)
         for sl in slices:
             s = sl.seq
             out_ids = s.output_token_ids
@@ -282,6 +300,8 @@ class LLMEngine:
                     seq.logprobs.append(lp)
                     seq.cumulative_logprob += lp[token]
                 stop = self.output.check_stop(seq, token)
+                if seq.grammar is not None:
+                    stop = seq.grammar.advance(token, stop)
                 if j == len(drafts) or token != drafts[j]:
                     break
                 accepted += 1

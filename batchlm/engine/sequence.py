@@ -53,6 +53,9 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     generator: Any = None  # torch.Generator for seeded sampling (engine-owned)
+    # Structured outputs: the grammar's matcher (structured.decoding.SeqGrammar), engine-owned;
+    # it has consumed exactly the output tokens once the engine syncs it for a step.
+    grammar: Any = None
     # Outputs gathered as it runs (engine-owned).
     logprobs: list = field(default_factory=list)
     prompt_logprobs: list = field(default_factory=list)
