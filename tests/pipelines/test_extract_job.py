@@ -18,7 +18,7 @@ from batchlm.pipelines.extract import arrow_schema
 from batchlm.pipelines.runner import engine_stage_kwargs
 from batchlm.pipelines.stages import EngineStage, output_schema
 
-from .helpers import CLI, input_ids, read_output, rendered_rows, run_engine_stage, tiny_job, write_yaml
+from .helpers import CLI, cli, input_ids, read_output, rendered_rows, run_engine_stage, tiny_job, write_yaml
 from .procs import kill_driver, start_driver
 
 # Short values (the tiny model's byte tokenizer spends one token per character): nested object, enum,
@@ -117,3 +117,21 @@ def test_extract_job_killed_and_resumed(tmp_path, tiny_model):
     summary = log.read_text().rsplit("batchlm run: complete", 1)[-1]
     assert f"  errors          {cut}\n" in summary and CUT in summary, summary
     assert (out / "_SUCCESS").exists()
+
+
+def test_generate_task_passes_structured_outputs_to_the_engine(tiny_model):
+    cfg = parse_config(tiny_job(tiny_model, "unused", input={"limit": 8}, model={"dtype": "float32"},
+                                sampling={"max_tokens": 16, "temperature": 1.0, "seed": 3,
+                                          "structured_outputs": {"choice": ["alpha", "beta", "gamma"]}}))
+    out = run_engine_stage(EngineStage(**engine_stage_kwargs(cfg)), rendered_rows(cfg))
+    assert out["error"].null_count == 8
+    assert set(out["generated_text"].to_pylist()) <= {"alpha", "beta", "gamma"}
+
+
+@pytest.mark.ray_cluster
+def test_on_error_fail_stops_at_a_row_that_does_not_parse(tmp_path, tiny_model):
+    cfg = write_yaml(tmp_path / "job.yaml", _job(tiny_model, str(tmp_path / "out"), 10, 3,
+                                                 model={"dtype": "float32"}, output={"on_error": "fail"}))
+    r = cli("run", cfg, timeout=300)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert f"failed: {CUT}" in r.stderr and "(output.on_error: fail)" in r.stderr
