@@ -23,7 +23,10 @@ passes through untouched):
   so the next batch's requests are in the engine before the last ones
   finish (no drain tail per batch). It returns the rows with __ids/__error
   replaced by the output columns; a rejected request (`.error`) becomes that
-  row's `error`.
+  row's `error`. For extract (`schema`) each output is parsed and validated
+  (extract.Extractor) into one typed column per top-level property; one that
+  does not parse or was cut by max_tokens gets `error` and null typed columns,
+  and keeps its text, finish_reason and token counts.
   With a `progress_sink` it reports its start-up and each finished row to the
   driver while the batch is still generating (live.StageReporter).
 """
@@ -43,7 +46,8 @@ from batchlm.prompts import default_max_model_len, keep_last, label_token_ids, p
 INTERNAL = ("__ids", "__error")
 
 # The output columns after the id and the carried columns, in order, with their Arrow types
-# ("label_probs": a struct of one float64 per label). The one definition: names and schema come from it.
+# ("label_probs": a struct of one float64 per label; extract: one column per schema property, typed by
+# extract.py, between these and `error`). The one definition: names and schema come from it.
 _GENERATE_COLUMNS = (("generated_text", "string"), ("finish_reason", "string"),
                      ("num_input_tokens", "int32"), ("num_output_tokens", "int32"))
 _CLASSIFY_COLUMNS = (("label", "string"), ("label_probs", "label_probs"))
