@@ -20,9 +20,15 @@ Contract
   openai_batch` (the default for it); the keys that do not apply to it
   (`task`, `sampling`, `output.carry`, ...) and an openai_batch output of
   another input are refused, naming the key (`_check_formats`, the one place).
+- `task.type: extract` takes a JSON schema (`schema` inline, or `schema_path`
+  read once at load); its rules are in extract_config.py. `sampling_params()`
+  is the job's SamplingParams: `sampling`, plus for extract the schema as the
+  engine's JSON constraint (`structured_outputs`, a mapping in YAML).
 - `result_fields(cfg)` is the part of the config that changes results; its
   hash is stored in the output manifest so a resume with another config is
-  refused.
+  refused. It holds an extract schema as read (a schema_path's content), and
+  the keys added for structured output only when set, so older outputs keep
+  their hash.
 """
 from __future__ import annotations
 
@@ -33,11 +39,13 @@ import json
 import os
 import re
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, field_validator,
+                      model_validator)
 
 from batchlm.config import EngineConfig
 from batchlm.pipelines.errors import ConfigError
@@ -65,28 +73,53 @@ class Label(_Section):
     description: str | None = None
 
 
-class TaskConfig(_Section):
-    type: Literal["generate", "classify"] = "generate"
-    prompt: str  # Jinja template over the row's columns (sandboxed)
-    system: str | None = None  # system message (also a template), chat models only
-    chat_template: bool | None = None  # None: on when the model has a chat template
-    labels: list[Label] | None = None  # classify: names, optionally with descriptions
-    on_long_prompt: Literal["error", "truncate"] = "error"  # over max_model_len: record or keep the tail
+_EXTRACT_KEYS = ("schema", "schema_path")  # absent from result_fields unless set (older outputs keep their hash)
 
-    @field_validator("labels", mode="before")
-    @classmethod
-    def _names(cls, v):
-        return [{"name": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
+with warnings.catch_warnings():
+    # NOTE: a field named `schema` shadows BaseModel.schema (pydantic v1's deprecated method); the
+    # YAML key is `schema`, as users write it.
+    warnings.filterwarnings("ignore", message=".*shadows an attribute.*")
 
-    @model_validator(mode="after")
-    def _labels_match_type(self):
-        if self.type == "classify" and (not self.labels or len(self.labels) < 2):
-            raise ValueError("task.labels: classify needs at least two labels")
-        if self.type == "generate" and self.labels:
-            raise ValueError("task.labels: only a classify task takes labels (set task.type: classify)")
-        if self.labels and len({lb.name for lb in self.labels}) != len(self.labels):
-            raise ValueError("task.labels: label names must be distinct")
-        return self
+    class TaskConfig(_Section):
+        type: Literal["generate", "classify", "extract"] = "generate"
+        prompt: str  # Jinja template over the row's columns (sandboxed)
+        system: str | None = None  # system message (also a template), chat models only
+        chat_template: bool | None = None  # None: on when the model has a chat template
+        labels: list[Label] | None = None  # classify: names, optionally with descriptions
+        on_long_prompt: Literal["error", "truncate"] = "error"  # over max_model_len: record or keep the tail
+        schema: dict[str, Any] | None = None  # extract: the JSON schema, inline
+        schema_path: str | None = None  # extract: a JSON file holding it (local or s3://)
+        _loaded: dict | None = PrivateAttr(None)  # schema_path's schema, read once at config load
+
+        @property
+        def json_schema(self) -> dict | None:
+            """extract: the schema (inline, or read from schema_path at config load); else None."""
+            return self.schema if self.schema is not None else self._loaded
+
+        @field_validator("labels", mode="before")
+        @classmethod
+        def _names(cls, v):
+            return [{"name": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
+
+        @model_validator(mode="after")
+        def _labels_match_type(self):
+            if self.type == "classify" and (not self.labels or len(self.labels) < 2):
+                raise ValueError("task.labels: classify needs at least two labels")
+            if self.type != "classify" and self.labels:
+                raise ValueError("task.labels: only a classify task takes labels (set task.type: classify)")
+            given = [k for k in _EXTRACT_KEYS if getattr(self, k) is not None]
+            if self.type != "extract" and given:
+                raise ValueError(f"task.{given[0]}: only an extract task takes a schema (set task.type: extract)")
+            if self.type == "extract" and len(given) != 1:
+                raise ValueError("task.schema: an extract task needs exactly one of schema (inline) and "
+                                 f"schema_path (a JSON file); {'both are' if given else 'neither is'} set")
+            if self.schema is not None:
+                from batchlm.pipelines.extract import check_schema
+
+                check_schema(self.schema, "task.schema")
+            if self.labels and len({lb.name for lb in self.labels}) != len(self.labels):
+                raise ValueError("task.labels: label names must be distinct")
+            return self
 
 
 def _dataclass_rules(section: str, build) -> None:
@@ -94,19 +127,24 @@ def _dataclass_rules(section: str, build) -> None:
     try:
         build()
     except (ValueError, TypeError) as e:
-        field, _, rest = str(e).removeprefix("SamplingParams.").partition(" ")
+        text = str(e).removeprefix("SamplingParams.").replace("StructuredOutputsParams.", "structured_outputs.", 1)
+        field, _, rest = text.partition(" ")
         raise ValueError(f"{section}.{field}: {rest}") from None
 
 
-def _section_from_dataclass(name: str, cls, rename: dict[str, str]) -> type[BaseModel]:
-    hints = typing.get_type_hints(cls)
+def _section_from_dataclass(name: str, cls, rename: dict[str, str], types: dict | None = None) -> type[BaseModel]:
+    """A YAML section with one key per dataclass field; `types` replaces a field's type (YAML-shaped)."""
+    hints = {**typing.get_type_hints(cls), **(types or {})}
     fields = {rename.get(f.name, f.name): (hints[f.name], f.default) for f in dataclasses.fields(cls)}
     return create_model(name, __base__=_Section, **fields)
 
 
 # YAML `model.name` is EngineConfig.model (`model.model` would read badly).
 _ModelBase = _section_from_dataclass("ModelConfig", EngineConfig, {"model": "name"})
-_SamplingBase = _section_from_dataclass("SamplingConfig", SamplingParams, {})
+# NOTE: in YAML, structured_outputs is a mapping (json/regex/choice/grammar); the engine takes that too.
+_SamplingBase = _section_from_dataclass("SamplingConfig", SamplingParams, {},
+                                        {"structured_outputs": dict[str, Any] | None})
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
 
 
 class ModelConfig(_ModelBase):
@@ -128,6 +166,11 @@ class SamplingConfig(_SamplingBase):
     def _sampling_rules(self):
         if self.n != 1:
             raise ValueError("sampling.n: the batch job writes one completion per row; use n: 1")
+        so = getattr(self, "structured_outputs", None)
+        if (so is not None and set(so) <= set(_CONSTRAINTS)  # an unknown key: the engine names it
+                and len([k for k in _CONSTRAINTS if so.get(k) not in (None, False)]) != 1):
+            raise ValueError(f"sampling.structured_outputs: exactly one of {', '.join(_CONSTRAINTS)} "
+                             f"(got {', '.join(map(str, so)) or 'none'})")
         _dataclass_rules("sampling", self.params)
         return self
 
@@ -189,7 +232,18 @@ class JobConfig(_Section):
     @model_validator(mode="after")
     def _format_rules(self):
         _check_formats(self)
+        if self.task is not None and self.task.type == "extract":
+            from batchlm.pipelines.extract_config import check_extract
+
+            check_extract(self)
         return self
+
+    def sampling_params(self) -> SamplingParams:
+        """The job's SamplingParams: `sampling`, and for extract the schema's JSON constraint."""
+        params = self.sampling.params()
+        if self.task is not None and self.task.type == "extract":
+            params = params.clone(structured_outputs={"json": self.task.json_schema})
+        return params
 
     @property
     def output_format(self) -> str:
@@ -242,13 +296,15 @@ def result_fields(cfg: JobConfig) -> dict[str, Any]:
     out = {"carry": list(cfg.output.carry), "rows_per_shard": cfg.output.rows_per_shard}
     if cfg.output_format != "parquet":  # NOTE: absent for parquet, so older outputs keep their hash
         out["format"] = cfg.output_format
-    return {
-        "input": inp,
-        "task": cfg.task.model_dump() if cfg.task is not None else None,
-        "model": model,
-        "sampling": cfg.sampling.model_dump(),
-        "output": out,
-    }
+    task = None
+    if cfg.task is not None:
+        task = {k: v for k, v in cfg.task.model_dump().items() if not (k in _EXTRACT_KEYS and v is None)}
+        if cfg.task.schema_path is not None:  # the file's schema as read: a changed file is a changed config
+            task["schema"] = cfg.task.json_schema
+    sampling = cfg.sampling.model_dump()
+    if sampling.get("structured_outputs", 0) is None:  # NOTE: absent unless set, so older outputs keep their hash
+        del sampling["structured_outputs"]
+    return {"input": inp, "task": task, "model": model, "sampling": sampling, "output": out}
 
 
 def config_hash(fields: dict[str, Any]) -> str:

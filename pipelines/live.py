@@ -98,13 +98,17 @@ class StageReporter:
         self._rows += n
         self._errors += n
 
+    def failed_after_finish(self, n: int) -> None:
+        """Rows already counted as finished whose output turned out unusable (extract: no parse)."""
+        self._errors += n
+
     def flush(self) -> None:
         self._sent = time.monotonic()
         if self.sink is None:
             return
         if self.spec_stats is not None and self.spec_stats.verifications:
             self.sink.speculation.remote(os.getpid(), self.spec_stats.as_dict())
-        if not self._rows:
+        if not self._rows and not self._errors:
             return
         self.sink.add.remote(self._rows, self._errors, self._in_tok, self._out_tok)
         self._rows = self._errors = self._in_tok = self._out_tok = 0

@@ -11,7 +11,8 @@ Contract
   is missing; an expression printed null or something that is not text (an
   int where text is expected: convert it explicitly with `| string`); the
   template raised; or the row passed a rendering limit. `labels` (classify)
-  is available to the template as a list of {name, description}.
+  is available to the template as a list of {name, description}; `schema`
+  (extract) as the task's JSON schema, indented JSON text.
 - Limits, per row (prompt and system together): rendering stops after
   `max_seconds` (checked at every loop iteration, call, intercepted operator
   and output chunk, so loops that print nothing stop too) and after
@@ -195,7 +196,12 @@ class PromptTemplate:
         env = _LimitedEnvironment(undefined=StrictUndefined, finalize=_finalize, keep_trailing_newline=False)
         env.filters.update({_TICK_FILTER: _ticking, _SIZED_FILTER: _sized})
         self._max_seconds, self._max_chars = max_seconds, max_chars
-        self._labels = [lb.model_dump() for lb in task_cfg.labels or []]
+        # Names the template gets besides the row's columns (they shadow columns of the same name).
+        self._given: dict = {"labels": [lb.model_dump() for lb in task_cfg.labels or []]}
+        if task_cfg.type == "extract":
+            from batchlm.pipelines.extract import prompt_text
+
+            self._given["schema"] = prompt_text(task_cfg.json_schema)
         try:
             prompt = env.parse(task_cfg.prompt)
             system = env.parse(task_cfg.system) if task_cfg.system else None
@@ -204,14 +210,14 @@ class PromptTemplate:
             self._system = env.from_string(_guard(system)) if system else None
         except TemplateSyntaxError as e:
             raise ConfigError(f"task.prompt/system: template syntax error on line {e.lineno}: {e.message}") from None
-        self._fields = sorted(names - {"labels"})
+        self._fields = sorted(names - set(self._given))
 
     def fields(self) -> list[str]:
         return list(self._fields)
 
     def render(self, row: dict) -> tuple[str | None, str | None, str | None]:
         budget = _Budget(self._max_seconds, self._max_chars)
-        ctx = {**row, "labels": self._labels, _BUDGET: budget}
+        ctx = {**row, **self._given, _BUDGET: budget}
         try:
             prompt = _generate(self._prompt, ctx, budget)
             system = _generate(self._system, ctx, budget) if self._system else None

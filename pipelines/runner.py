@@ -84,7 +84,7 @@ def check_columns(cfg: JobConfig, first_rows: list[dict]) -> list[str]:
     from batchlm.pipelines.render import PromptTemplate
 
     id_name = id_column_name(cfg)
-    reserved = set(output_columns(cfg.task.type)) | {"__unit", "__row"}
+    reserved = set(output_columns(cfg.task.type, cfg.task.json_schema)) | {"__unit", "__row"}
     if id_name in reserved:
         raise ConfigError(f"input.id_column: {id_name!r} clashes with an output column; rename it")
     carry = [c for c in dict.fromkeys(cfg.output.carry) if c != id_name]
@@ -217,9 +217,9 @@ def engine_threads(cfg: JobConfig) -> int | None:
 def engine_stage_kwargs(cfg: JobConfig, trace_path: str | None = None, progress_sink=None) -> dict:
     """EngineStage's constructor arguments for this job (the run's, and tests' in-process stages)."""
     return dict(
-        engine_kwargs=cfg.model.engine_kwargs(), params=cfg.sampling.params(), task_type=cfg.task.type,
+        engine_kwargs=cfg.model.engine_kwargs(), params=cfg.sampling_params(), task_type=cfg.task.type,
         labels=[lb.name for lb in cfg.task.labels or []], threads=engine_threads(cfg), trace_path=trace_path,
-        progress_sink=progress_sink)
+        progress_sink=progress_sink, schema=cfg.task.json_schema)
 
 
 class _UnitBuffer:

@@ -23,7 +23,10 @@ passes through untouched):
   so the next batch's requests are in the engine before the last ones
   finish (no drain tail per batch). It returns the rows with __ids/__error
   replaced by the output columns; a rejected request (`.error`) becomes that
-  row's `error`.
+  row's `error`. For extract (`schema`) each output is parsed and validated
+  (extract.Extractor) into one typed column per top-level property; one that
+  does not parse or was cut by max_tokens gets `error` and null typed columns,
+  and keeps its text, finish_reason and token counts.
   With a `progress_sink` it reports its start-up and each finished row to the
   driver while the batch is still generating (live.StageReporter).
 """
@@ -37,12 +40,14 @@ from dataclasses import dataclass
 
 from batchlm.outputs import ClassificationOutput
 from batchlm.pipelines.errors import ConfigError
+from batchlm.pipelines.extract import Extractor, arrow_schema, column_names
 from batchlm.prompts import default_max_model_len, keep_last, label_token_ids, prompt_error, room_after_prompt
 
 INTERNAL = ("__ids", "__error")
 
 # The output columns after the id and the carried columns, in order, with their Arrow types
-# ("label_probs": a struct of one float64 per label). The one definition: names and schema come from it.
+# ("label_probs": a struct of one float64 per label; extract: one column per schema property, typed by
+# extract.py, between these and `error`). The one definition: names and schema come from it.
 _GENERATE_COLUMNS = (("generated_text", "string"), ("finish_reason", "string"),
                      ("num_input_tokens", "int32"), ("num_output_tokens", "int32"))
 _CLASSIFY_COLUMNS = (("label", "string"), ("label_probs", "label_probs"))
@@ -52,23 +57,35 @@ _ERROR_COLUMN = (("error", "string"),)
 LONG_PROMPT_REMEDY = "set task.on_long_prompt: truncate to keep the last tokens"
 
 
-def _columns(task_type: str) -> tuple[tuple[str, str], ...]:
-    return _GENERATE_COLUMNS + (_CLASSIFY_COLUMNS if task_type == "classify" else ()) + _ERROR_COLUMN
+def _columns(task_type: str, schema: dict | None = None) -> tuple[tuple[str, str], ...]:
+    """(name, kind) per output column; kind "extract" is a schema property's type (extract.py)."""
+    if task_type == "classify":
+        task = _CLASSIFY_COLUMNS
+    elif task_type == "extract":
+        task = tuple((name, "extract") for name in column_names(schema))
+    else:
+        task = ()
+    return _GENERATE_COLUMNS + task + _ERROR_COLUMN
 
 
-def output_columns(task_type: str) -> list[str]:
-    return [name for name, _ in _columns(task_type)]
+def output_columns(task_type: str, schema: dict | None = None) -> list[str]:
+    """The output's own columns for a task (extract: its schema's top-level properties too)."""
+    return [name for name, _ in _columns(task_type, schema)]
 
 
-def output_schema(task_type: str, labels: list[str] | None):
+def output_schema(task_type: str, labels: list[str] | None, schema: dict | None = None):
     import pyarrow as pa
 
-    def arrow(kind: str):
+    typed = arrow_schema(schema) if task_type == "extract" else None
+
+    def arrow(name: str, kind: str):
         if kind == "label_probs":
             return pa.struct([pa.field(lb, pa.float64()) for lb in labels or []])
+        if kind == "extract":
+            return typed.field(name).type
         return getattr(pa, kind)()
 
-    return pa.schema([pa.field(name, arrow(kind)) for name, kind in _columns(task_type)])
+    return pa.schema([pa.field(name, arrow(name, kind)) for name, kind in _columns(task_type, schema)])
 
 
 class StepClock:
@@ -212,7 +229,8 @@ class EngineStage:
     """Ray Data actor UDF: one engine per actor, fed continuously across batches."""
 
     def __init__(self, engine_kwargs: dict, params, task_type: str, labels: list[str] | None,
-                 threads: int | None, trace_path: str | None = None, progress_sink=None):
+                 threads: int | None, trace_path: str | None = None, progress_sink=None,
+                 schema: dict | None = None):
         from batchlm.pipelines.live import StageReporter
 
         t0 = time.monotonic()
@@ -226,6 +244,8 @@ class EngineStage:
         self.params = params
         self.task_type = task_type
         self.labels = labels
+        self.schema = schema  # extract: the JSON schema (params already carry its constraint)
+        self.extractor = Extractor(schema) if task_type == "extract" else None  # compiled once per actor
         self.label_ids = label_token_ids(self.llm.get_tokenizer(), labels) if task_type == "classify" else None
         self.trace_path = trace_path
         self.report = StageReporter.of(self.llm, progress_sink)  # live progress to the driver (live.py)
@@ -281,7 +301,7 @@ class EngineStage:
         import pyarrow as pa
 
         n = len(errors)
-        out = {c: [None] * n for c in output_columns(self.task_type)}
+        out = {c: [None] * n for c in output_columns(self.task_type, self.schema)}
         out["num_input_tokens"] = [0] * n
         out["num_output_tokens"] = [0] * n
         fill = self._fill_classify if self.label_ids is not None else self._fill_generate
@@ -289,27 +309,35 @@ class EngineStage:
             if r.error:
                 errors[i] = r.error
             else:
-                fill(out, i, r)
+                errors[i] = fill(out, i, r)
+                self.report.failed_after_finish(errors[i] is not None)
         for i in range(n):
-            if errors[i] is not None:
+            if errors[i] is not None and out["finish_reason"][i] is None:  # never reached the engine's end
                 out["finish_reason"][i] = "error"
         out["error"] = errors
         self.report.flush()
         table = batch.drop_columns(list(INTERNAL))
-        schema = output_schema(self.task_type, self.labels)
-        for name in output_columns(self.task_type):
+        schema = output_schema(self.task_type, self.labels, self.schema)
+        for name in output_columns(self.task_type, self.schema):
             table = table.append_column(schema.field(name), pa.array(out[name], type=schema.field(name).type))
         return table
 
-    @staticmethod
-    def _fill_generate(out: dict, i: int, r) -> None:
+    def _fill_generate(self, out: dict, i: int, r) -> str | None:
+        """The generate columns; for extract also the typed ones, or why the text does not give them
+        (the row's error: its text, finish_reason and token counts are kept)."""
         c = r.outputs[0]
         out["generated_text"][i] = c.text
         out["finish_reason"][i] = c.finish_reason
         out["num_input_tokens"][i] = r.num_prompt_tokens
         out["num_output_tokens"][i] = len(c.token_ids)
+        if self.extractor is None:
+            return None
+        values, error = self.extractor.values(c.text, c.finish_reason)
+        for name, v in (values or {}).items():
+            out[name][i] = v
+        return error
 
-    def _fill_classify(self, out: dict, i: int, score) -> None:
+    def _fill_classify(self, out: dict, i: int, score) -> None:  # never an error
         # NOTE: the rendered prompt's own ids were scored as they are: no decode and re-encode (which
         # would add a second BOS on tokenizers that add one, and undo the length rule's work).
         r = ClassificationOutput.from_scores(None, self.labels, score.prompt_token_ids, score.logprobs)

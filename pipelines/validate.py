@@ -5,7 +5,9 @@ Plans the input (row and unit counts), checks the columns the prompt and
 `output.carry` use, renders and tokenizes up to `sample` rows (chat template
 applied as the run would) for prompt-token statistics and the rows over the
 length limit, and, with `estimate`, times the engine on a few of those rows
-(at most 8 output tokens each) to estimate the run time. Nothing is written.
+(at most 8 output tokens each, under the job's own constraint) to estimate the
+run time. An extract task's schema was checked when the config loaded; the
+report shows the column each top-level property becomes. Nothing is written.
 Problems raise ConfigError.
 """
 from __future__ import annotations
@@ -57,6 +59,8 @@ def validate(cfg, sample: int = 200, estimate: bool = True) -> str:
         f"input         {cfg.input.path}: {total} rows in {len(units)} work units of <= {cfg.output.rows_per_shard}",
         f"sampled       {len(rows)} rows ({'chat template' if enc.chat else 'no chat template'})",
     ]
+    if cfg.task.type == "extract":
+        lines += _schema_lines(cfg)
     if lengths:
         q = sorted(lengths)
         lines.append(f"prompt tokens mean {statistics.mean(q):.0f}, median {q[len(q) // 2]}, "
@@ -71,13 +75,26 @@ def validate(cfg, sample: int = 200, estimate: bool = True) -> str:
     return "\n".join(lines)
 
 
+def _schema_lines(cfg) -> list[str]:
+    """The extract columns: name and Arrow type, one per top-level property."""
+    from batchlm.pipelines.extract import arrow_schema
+
+    where = "inline" if cfg.task.schema is not None else cfg.task.schema_path
+    cols = arrow_schema(cfg.task.json_schema)
+    lines = [f"schema        ok ({where}): {len(cols)} typed columns"]
+    lines += [f"              {f.name}: {f.type}" for f in cols]
+    return lines
+
+
 def _estimate(cfg, prompts: list[list[int]], total_rows: int, mean_prompt: float) -> str:
     """Times a short engine run on a few rows; extrapolates (a rough upper bound)."""
     from batchlm import LLM
 
     llm = LLM(**cfg.model.engine_kwargs())
     probe_tokens = min(8, cfg.sampling.max_tokens or 8)
-    params = cfg.sampling.params().clone(max_tokens=probe_tokens, ignore_eos=True)
+    params = cfg.sampling_params()
+    # NOTE: a constrained row ends where its grammar does; forcing more tokens past it is not allowed.
+    params = params.clone(max_tokens=probe_tokens, ignore_eos=params.structured_outputs is None)
     t0 = time.monotonic()
     llm.generate(prompts, params, use_tqdm=False)
     dt = time.monotonic() - t0
