@@ -59,15 +59,23 @@ def structured_row(llm, schema: dict, work, repeats: int, flops_of, gflops) -> t
 
     # NOTE: pairs (unconstrained, constrained) back to back, the ratio per pair:
     # on a shared machine a slow spell then hits both runs of a pair.
-    pairs = []
+    # "matched": unconstrained again, each row made to generate exactly as many
+    # tokens as its constrained run did (ignore_eos): same schedule, so the ratio
+    # is the grammar's own cost; the plain ratio also carries the outputs' lengths.
+    pairs, matched = [], []
     for _ in range(max(1, repeats)):
         wp, plain_outs = timed(plain_params)
         wc, outs = timed(params)
         n_plain = sum(len(o.outputs[0].token_ids) for o in plain_outs)
         n_con = sum(len(o.outputs[0].token_ids) for o in outs)
+        same_len = [plain_params.clone(max_tokens=max(1, len(o.outputs[0].token_ids)), ignore_eos=True)
+                    for o in outs]
+        wm, _ = timed(same_len)
+        n_m = sum(p.max_tokens for p in same_len)
         pairs.append(((n_con / wc) / (n_plain / wp), wc, outs))
-        print(f"[bench]   pair: unconstrained {n_plain / wp:.2f} tok/s, constrained {n_con / wc:.2f} tok/s",
-              flush=True)
+        matched.append((n_con / wc) / (n_m / wm))
+        print(f"[bench]   unconstrained {n_plain / wp:.2f} tok/s, constrained {n_con / wc:.2f} tok/s, "
+              f"unconstrained with the constrained lengths {n_m / wm:.2f} tok/s", flush=True)
     pairs.sort(key=lambda x: x[0])
     ratio, wall, outs = pairs[len(pairs) // 2]
     comps = [o.outputs[0] for o in outs]
@@ -86,5 +94,7 @@ def structured_row(llm, schema: dict, work, repeats: int, flops_of, gflops) -> t
               f"{valid}/{len(comps)} valid, {cut} cut by max_tokens",
               flops_of(work.num_prompt_tokens, n_out) / wall / 1e9 / gflops)
     return row, {"ratio_output_tokens_per_s": ratio, "pair_ratios": [round(p[0], 3) for p in pairs],
+                 "ratio_same_lengths": sorted(matched)[len(matched) // 2],
+                 "same_lengths_ratios": [round(m, 3) for m in matched],
                  "valid": valid, "outputs": len(comps), "cut_by_max_tokens": cut, "validated_with": how,
                  "grammars_compiled": llm.engine.structured.num_compiled}

@@ -298,6 +298,8 @@ def run(args) -> int:
         print(f"\nbatchlm json-schema / batchlm output tokens/s (same engine, same prompts, median of "
               f"back-to-back pairs {js['pair_ratios']}): {js['ratio_output_tokens_per_s']:.2f}x; outputs valid: {js['valid']}/{js['outputs']} "
               f"({js['validated_with']}), cut by max_tokens: {js['cut_by_max_tokens']}")
+        print(f"batchlm json-schema / batchlm with the same output lengths (ignore_eos; the grammar's own "
+              f"cost; pairs {js['same_lengths_ratios']}): {js['ratio_same_lengths']:.2f}x")
     for spec, ratio in summary.get("compare", {}).items():
         print(f"\nbatchlm / batchlm {spec} output tokens/s (same process, same workload): {ratio:.2f}x")
     if "ratio_output_tokens_per_s" in summary:
