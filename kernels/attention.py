@@ -193,12 +193,21 @@ class TorchPagedAttention:
     IN_PLACE_DTYPES = (torch.float32,)
     # ... and those a lone decode reads in place (_decode_one).
     DECODE_IN_PLACE_DTYPES = (torch.float32, torch.bfloat16)
-    # Cache dtypes a lone decode computes in float32 (_decode_one): CPU bmm
-    # in bfloat16 at these shapes is slower than copying to float32 first.
-    # Default model's shapes, 2 threads, Xeon with AMX, 2026-11-26: in place
-    # 49 vs 88 us at 300 cached tokens, 96 vs 170 us at 1000; at batch 1 a
-    # bf16 cache is therefore gathered and upcast rather than sent through
-    # the masked bf16 baddbmm + embedding_bag path (61-75 vs ~125 us at 300).
+    # Cache dtypes a lone decode on the CPU hands to torch's SDPA when the
+    # queries share the dtype (_decode_one): its CPU flash kernel reads bf16
+    # and accumulates in float32, with no copy of the cache. Default model's
+    # shapes (KVH 3, G 3, D 64), 1 thread, Xeon with AMX, 2026-11-26, against
+    # the float32 upcast below: 29 vs 56 us at 300 cached tokens, 64 vs 218 us
+    # at 1000, 123 vs 496 us at 2000. Its probabilities are rounded to bf16
+    # before the product with the values: mean error against float64 0.71e-3
+    # vs 0.64e-3 at 300 tokens (0.64e-3 is the bf16 rounding of the output).
+    SDPA_DTYPES = (torch.bfloat16,)
+    # Cache dtypes a lone decode otherwise computes in float32 (_decode_one,
+    # e.g. a float32 model over a bf16 cache): CPU bmm in bfloat16 at these
+    # shapes is slower than copying to float32 first (2 threads: 49 vs 88 us
+    # at 300 cached tokens, 96 vs 170 us at 1000). At batch 1 a bf16 cache is
+    # gathered when its blocks are not consecutive, then read as in place,
+    # rather than sent through the masked baddbmm + embedding_bag path.
     UPCAST_DTYPES = (torch.bfloat16,)
 
     @staticmethod
@@ -223,12 +232,11 @@ class TorchPagedAttention:
         cpu = q.device.type == "cpu"
         if B == 1 and (groups[0].first_block is not None or (cpu and k_cache.dtype in self.UPCAST_DTYPES)):
             # batch 1: the fewest ops (a bf16 cache is gathered, then as in place)
-            qs = q.reshape(KVH, G, D) * scale  # a view: [1, H, D] -> [KVH, G, D]
             first, nb = groups[0].first_block, groups[0].nb
             keys = self._gather("k", k_cache, groups[0].rows, 1, nb)[:, 0] if first is None else None
             vals = self._gather("v", v_cache, groups[0].rows, 1, nb)[:, 0] if first is None else None
-            o = self._decode_one(qs, k_cache, v_cache, first, meta.seq_lens_list[0], window,
-                                 keys, vals).view(1, H, D)
+            o = self._decode_one(q.reshape(KVH, G, D), scale, k_cache, v_cache, first,  # [KVH, G, D]
+                                 meta.seq_lens_list[0], window, keys, vals).view(1, H, D)
             return o if o.dtype == q.dtype else o.to(q.dtype)
         qs = (q * scale).view(B, KVH, G, D).transpose(0, 1)  # [KVH, B, G, D]
         if qs.dtype != k_cache.dtype:
@@ -237,7 +245,7 @@ class TorchPagedAttention:
         for i, j, nb, first, rows, pad, tables in groups:
             b = j - i
             if first is not None:
-                o = self._decode_one(qs[:, i], k_cache, v_cache, first, meta.seq_lens_list[i],
+                o = self._decode_one(qs[:, i], 1.0, k_cache, v_cache, first, meta.seq_lens_list[i],
                                      window)[:, None].to(qs.dtype)
             else:
                 if window is not None:
@@ -257,13 +265,15 @@ class TorchPagedAttention:
         return out
 
     @staticmethod
-    def _decode_one(qs, k_cache, v_cache, first, ctx, window, keys=None, vals=None):
+    def _decode_one(q, scale, k_cache, v_cache, first, ctx, window, keys=None, vals=None):
         # One sequence attended alone, nothing masked or padded. With `first`:
         # its blocks are consecutive from there, its ctx positions are slots
         # first * bs + [0, ctx) of the cache, read in place as strided views
         # (nothing gathered). Otherwise keys/vals are its gathered blocks
-        # [KVH, nb * bs, D]. qs: [KVH, G, D] (scaled) -> [KVH, G, D], float32
-        # when the cache is bfloat16 (UPCAST_DTYPES), else its dtype.
+        # [KVH, nb * bs, D]. q: [KVH, G, D] (times `scale` gives the scaled
+        # queries) -> [KVH, G, D]: through SDPA when q and the cache share a
+        # dtype in SDPA_DTYPES (that dtype); else float32 when the cache is
+        # bfloat16 (UPCAST_DTYPES), else the cache's dtype.
         # Measured on the default model's shapes (KVH 3, G 3, D 64), fp32, one
         # thread: 26-28 vs 54-67 us at 300 cached tokens, 76-103 vs 234-291 us
         # at 1000 (gather keys + masked baddbmm + softmax + embedding_bag).
@@ -275,6 +285,13 @@ class TorchPagedAttention:
             start += first * bs
         keys = keys.narrow(1, start, ctx - lo)  # [KVH, L, D]
         vals = vals.narrow(1, start, ctx - lo)
+        if q.dtype == keys.dtype and keys.dtype in TorchPagedAttention.SDPA_DTYPES and q.device.type == "cpu":
+            # The H = KVH * G query heads as one query each, grouped onto the
+            # KVH heads by enable_gqa (faster here than G queries per kv head).
+            o = F.scaled_dot_product_attention(q.reshape(1, KVH * q.shape[1], 1, D), keys[None], vals[None],
+                                               scale=scale, enable_gqa=True)  # [1, H, 1, D]
+            return o.view(KVH, q.shape[1], D)
+        qs = q * scale if scale != 1.0 else q
         if keys.dtype in TorchPagedAttention.UPCAST_DTYPES:
             keys, vals = keys.float(), vals.float()
         if qs.dtype != keys.dtype:
