@@ -193,21 +193,16 @@ class TorchPagedAttention:
     IN_PLACE_DTYPES = (torch.float32,)
     # ... and those a lone decode reads in place (_decode_one).
     DECODE_IN_PLACE_DTYPES = (torch.float32, torch.bfloat16)
-    # Cache dtypes a lone decode on the CPU hands to torch's SDPA when the
-    # queries share the dtype (_decode_one): its CPU flash kernel reads bf16
-    # and accumulates in float32, with no copy of the cache. Default model's
-    # shapes (KVH 3, G 3, D 64), 1 thread, Xeon with AMX, 2026-11-26, against
-    # the float32 upcast below: 29 vs 56 us at 300 cached tokens, 64 vs 218 us
-    # at 1000, 123 vs 496 us at 2000. Its probabilities are rounded to bf16
-    # before the product with the values: mean error against float64 0.71e-3
-    # vs 0.64e-3 at 300 tokens (0.64e-3 is the bf16 rounding of the output).
+    # Cache dtypes a lone CPU decode hands to SDPA's flash kernel when q
+    # shares the dtype (_decode_one): bf16 read in place, float32 accumulation.
+    # Default model's shapes, 1 thread, 2026-11-26, vs the upcast below: 29 vs
+    # 56 us at 300 cached tokens, 64 vs 218 at 1000, 123 vs 496 at 2000; mean
+    # error vs float64 0.71e-3 vs 0.64e-3 at 300 (its probabilities are bf16).
     SDPA_DTYPES = (torch.bfloat16,)
-    # Cache dtypes a lone decode otherwise computes in float32 (_decode_one,
-    # e.g. a float32 model over a bf16 cache): CPU bmm in bfloat16 at these
-    # shapes is slower than copying to float32 first (2 threads: 49 vs 88 us
-    # at 300 cached tokens, 96 vs 170 us at 1000). At batch 1 a bf16 cache is
-    # gathered when its blocks are not consecutive, then read as in place,
-    # rather than sent through the masked baddbmm + embedding_bag path.
+    # Otherwise (a float32 model over a bf16 cache) a lone decode computes in
+    # float32: CPU bf16 bmm is slower here (2 threads: 49 vs 88 us at 300
+    # cached tokens). At batch 1 a bf16 cache whose blocks are not consecutive
+    # is gathered, then read as in place (not the masked baddbmm path).
     UPCAST_DTYPES = (torch.bfloat16,)
 
     @staticmethod
@@ -235,8 +230,8 @@ class TorchPagedAttention:
             first, nb = groups[0].first_block, groups[0].nb
             keys = self._gather("k", k_cache, groups[0].rows, 1, nb)[:, 0] if first is None else None
             vals = self._gather("v", v_cache, groups[0].rows, 1, nb)[:, 0] if first is None else None
-            o = self._decode_one(q.reshape(KVH, G, D), scale, k_cache, v_cache, first,  # [KVH, G, D]
-                                 meta.seq_lens_list[0], window, keys, vals).view(1, H, D)
+            o = self._decode_one(q, scale, k_cache, v_cache, first, meta.seq_lens_list[0], window,
+                                 keys, vals).view(1, H, D)
             return o if o.dtype == q.dtype else o.to(q.dtype)
         qs = (q * scale).view(B, KVH, G, D).transpose(0, 1)  # [KVH, B, G, D]
         if qs.dtype != k_cache.dtype:
@@ -246,7 +241,7 @@ class TorchPagedAttention:
             b = j - i
             if first is not None:
                 o = self._decode_one(qs[:, i], 1.0, k_cache, v_cache, first, meta.seq_lens_list[i],
-                                     window)[:, None].to(qs.dtype)
+                                     window).view(KVH, 1, G, D).to(qs.dtype)
             else:
                 if window is not None:
                     pad = self._window_bias(meta, i, j, pad, window)
@@ -270,27 +265,31 @@ class TorchPagedAttention:
         # its blocks are consecutive from there, its ctx positions are slots
         # first * bs + [0, ctx) of the cache, read in place as strided views
         # (nothing gathered). Otherwise keys/vals are its gathered blocks
-        # [KVH, nb * bs, D]. q: [KVH, G, D] (times `scale` gives the scaled
-        # queries) -> [KVH, G, D]: through SDPA when q and the cache share a
-        # dtype in SDPA_DTYPES (that dtype); else float32 when the cache is
-        # bfloat16 (UPCAST_DTYPES), else the cache's dtype.
-        # Measured on the default model's shapes (KVH 3, G 3, D 64), fp32, one
-        # thread: 26-28 vs 54-67 us at 300 cached tokens, 76-103 vs 234-291 us
-        # at 1000 (gather keys + masked baddbmm + softmax + embedding_bag).
+        # [KVH, nb * bs, D]. q: the H = KVH * G heads ([1, H, D] or [KVH, G,
+        # D]), scaled by `scale` -> viewable as [KVH, G, D] or [1, H, D]; in
+        # q's dtype through SDPA (SDPA_DTYPES), else float32 over a bf16 cache.
+        # fp32, one thread: 26-28 vs 54-67 us at 300 cached tokens, 76-103 vs
+        # 234-291 us at 1000 against the gather + baddbmm + embedding_bag path.
         KVH, NB, bs, D = k_cache.shape
         lo = max(0, ctx - window) if window is not None else 0  # window: positions (ctx - W, ctx]
-        start = lo
+        start, L = lo, ctx - lo
+        if first is not None:
+            start += first * bs
+        if q.dtype == k_cache.dtype and q.dtype in TorchPagedAttention.SDPA_DTYPES and q.device.type == "cpu":
+            # [1, KVH, L, D] views; the H heads as one query each, grouped onto
+            # the KVH heads by enable_gqa (faster here than G queries per head).
+            if first is not None:
+                keys = k_cache.view(1, KVH, NB * bs, D).narrow(2, start, L)
+                vals = v_cache.view(1, KVH, NB * bs, D).narrow(2, start, L)
+            else:
+                keys, vals = keys.narrow(1, start, L)[None], vals.narrow(1, start, L)[None]
+            return F.scaled_dot_product_attention(q.reshape(1, -1, 1, D), keys, vals, scale=scale,
+                                                  enable_gqa=True)  # [1, H, 1, D]
         if first is not None:
             keys, vals = k_cache.view(KVH, NB * bs, D), v_cache.view(KVH, NB * bs, D)
-            start += first * bs
-        keys = keys.narrow(1, start, ctx - lo)  # [KVH, L, D]
-        vals = vals.narrow(1, start, ctx - lo)
-        if q.dtype == keys.dtype and keys.dtype in TorchPagedAttention.SDPA_DTYPES and q.device.type == "cpu":
-            # The H = KVH * G query heads as one query each, grouped onto the
-            # KVH heads by enable_gqa (faster here than G queries per kv head).
-            o = F.scaled_dot_product_attention(q.reshape(1, KVH * q.shape[1], 1, D), keys[None], vals[None],
-                                               scale=scale, enable_gqa=True)  # [1, H, 1, D]
-            return o.view(KVH, q.shape[1], D)
+        keys = keys.narrow(1, start, L)  # [KVH, L, D]
+        vals = vals.narrow(1, start, L)
+        q = q.reshape(KVH, -1, D)  # [KVH, G, D]
         qs = q * scale if scale != 1.0 else q
         if keys.dtype in TorchPagedAttention.UPCAST_DTYPES:
             keys, vals = keys.float(), vals.float()
