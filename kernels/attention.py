@@ -196,12 +196,16 @@ class TorchPagedAttention:
     IN_PLACE_DTYPES = (torch.float32,)
     # ... and those a lone decode reads in place (_decode_one).
     DECODE_IN_PLACE_DTYPES = (torch.float32, torch.bfloat16)
-    # Cache dtypes a lone decode computes in float32 (_decode_one): CPU bmm
-    # in bfloat16 at these shapes is slower than copying to float32 first.
-    # Default model's shapes, 2 threads, Xeon with AMX, 2026-11-26: in place
-    # 49 vs 88 us at 300 cached tokens, 96 vs 170 us at 1000; at batch 1 a
-    # bf16 cache is therefore gathered and upcast rather than sent through
-    # the masked bf16 baddbmm + embedding_bag path (61-75 vs ~125 us at 300).
+    # Cache dtypes a lone CPU decode hands to SDPA's flash kernel when q
+    # shares the dtype (_decode_one): bf16 read in place, float32 accumulation.
+    # Default model's shapes, 1 thread, 2026-11-26, vs the upcast below: 29 vs
+    # 56 us at 300 cached tokens, 64 vs 218 at 1000, 123 vs 496 at 2000; mean
+    # error vs float64 0.71e-3 vs 0.64e-3 at 300 (its probabilities are bf16).
+    SDPA_DTYPES = (torch.bfloat16,)
+    # Otherwise (a float32 model over a bf16 cache) a lone decode computes in
+    # float32: CPU bf16 bmm is slower here (2 threads: 49 vs 88 us at 300
+    # cached tokens). At batch 1 a bf16 cache whose blocks are not consecutive
+    # is gathered, then read as in place (not the masked baddbmm path).
     UPCAST_DTYPES = (torch.bfloat16,)
 
     @staticmethod
@@ -226,11 +230,10 @@ class TorchPagedAttention:
         cpu = q.device.type == "cpu"
         if B == 1 and (groups[0].first_block is not None or (cpu and k_cache.dtype in self.UPCAST_DTYPES)):
             # batch 1: the fewest ops (a bf16 cache is gathered, then as in place)
-            qs = q.reshape(KVH, G, D) * scale  # a view: [1, H, D] -> [KVH, G, D]
             first, nb = groups[0].first_block, groups[0].nb
             keys = self._gather("k", k_cache, groups[0].rows, 1, nb)[:, 0] if first is None else None
             vals = self._gather("v", v_cache, groups[0].rows, 1, nb)[:, 0] if first is None else None
-            o = self._decode_one(qs, k_cache, v_cache, first, meta.seq_lens_list[0], window,
+            o = self._decode_one(q, scale, k_cache, v_cache, first, meta.seq_lens_list[0], window,
                                  keys, vals).view(1, H, D)
             return o if o.dtype == q.dtype else o.to(q.dtype)
         qs = (q * scale).view(B, KVH, G, D).transpose(0, 1)  # [KVH, B, G, D]
@@ -240,8 +243,8 @@ class TorchPagedAttention:
         for i, j, nb, first, rows, pad, tables in groups:
             b = j - i
             if first is not None:
-                o = self._decode_one(qs[:, i], k_cache, v_cache, first, meta.seq_lens_list[i],
-                                     window)[:, None].to(qs.dtype)
+                o = self._decode_one(qs[:, i], 1.0, k_cache, v_cache, first, meta.seq_lens_list[i],
+                                     window).view(KVH, 1, G, D).to(qs.dtype)
             else:
                 if window is not None:
                     pad = self._window_bias(meta, i, j, pad, window)
@@ -260,24 +263,37 @@ class TorchPagedAttention:
         return out
 
     @staticmethod
-    def _decode_one(qs, k_cache, v_cache, first, ctx, window, keys=None, vals=None):
+    def _decode_one(q, scale, k_cache, v_cache, first, ctx, window, keys=None, vals=None):
         # One sequence attended alone, nothing masked or padded. With `first`:
         # its blocks are consecutive from there, its ctx positions are slots
         # first * bs + [0, ctx) of the cache, read in place as strided views
         # (nothing gathered). Otherwise keys/vals are its gathered blocks
-        # [KVH, nb * bs, D]. qs: [KVH, G, D] (scaled) -> [KVH, G, D], float32
-        # when the cache is bfloat16 (UPCAST_DTYPES), else its dtype.
-        # Measured on the default model's shapes (KVH 3, G 3, D 64), fp32, one
-        # thread: 26-28 vs 54-67 us at 300 cached tokens, 76-103 vs 234-291 us
-        # at 1000 (gather keys + masked baddbmm + softmax + embedding_bag).
+        # [KVH, nb * bs, D]. q: the H = KVH * G heads ([1, H, D] or [KVH, G,
+        # D]), scaled by `scale` -> viewable as [KVH, G, D] or [1, H, D]; in
+        # q's dtype through SDPA (SDPA_DTYPES), else float32 over a bf16 cache.
+        # fp32, one thread: 26-28 vs 54-67 us at 300 cached tokens, 76-103 vs
+        # 234-291 us at 1000 against the gather + baddbmm + embedding_bag path.
         KVH, NB, bs, D = k_cache.shape
         lo = max(0, ctx - window) if window is not None else 0  # window: positions (ctx - W, ctx]
-        start = lo
+        start, L = lo, ctx - lo
+        if first is not None:
+            start += first * bs
+        if q.dtype == k_cache.dtype and q.dtype in TorchPagedAttention.SDPA_DTYPES and q.device.type == "cpu":
+            # [1, KVH, L, D] views; the H heads as one query each, grouped onto
+            # the KVH heads by enable_gqa (faster here than G queries per head).
+            if first is not None:
+                keys = k_cache.view(1, KVH, NB * bs, D).narrow(2, start, L)
+                vals = v_cache.view(1, KVH, NB * bs, D).narrow(2, start, L)
+            else:
+                keys, vals = keys.narrow(1, start, L)[None], vals.narrow(1, start, L)[None]
+            return F.scaled_dot_product_attention(q.reshape(1, -1, 1, D), keys, vals, scale=scale,
+                                                  enable_gqa=True)  # [1, H, 1, D]
         if first is not None:
             keys, vals = k_cache.view(KVH, NB * bs, D), v_cache.view(KVH, NB * bs, D)
-            start += first * bs
-        keys = keys.narrow(1, start, ctx - lo)  # [KVH, L, D]
-        vals = vals.narrow(1, start, ctx - lo)
+        keys = keys.narrow(1, start, L)  # [KVH, L, D]
+        vals = vals.narrow(1, start, L)
+        q = q.reshape(KVH, -1, D)  # [KVH, G, D]
+        qs = q * scale if scale != 1.0 else q
         if keys.dtype in TorchPagedAttention.UPCAST_DTYPES:
             keys, vals = keys.float(), vals.float()
         if qs.dtype != keys.dtype:

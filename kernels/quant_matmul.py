@@ -75,7 +75,8 @@ def dequantize_int8(w: Int8Packed) -> torch.Tensor:
 def int8_pack_mm(x: torch.Tensor, w: Int8Packed) -> torch.Tensor:
     xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
     s = w.scale_c if w.scale_c.dtype == torch.bfloat16 else w.scale_c.to(torch.bfloat16)
-    return torch.ops.aten._weight_int8pack_mm(xb, w.codes, s).to(x.dtype)  # [M, N]
+    y = torch.ops.aten._weight_int8pack_mm(xb, w.codes, s)  # [M, N] bfloat16
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def int8_dequant_mm(x: torch.Tensor, w: Int8Packed) -> torch.Tensor:

@@ -97,3 +97,25 @@ def spans(chunks):
     for seq_id, tokens in chunks:
         yield seq_id, (start, start + len(tokens))
         start += len(tokens)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_rms_norm_is_bitwise_transformers(dtype, rows):
+    # The norm runs 2 x layers + 1 times a step with its own op sequence
+    # (sum / dim for the mean, one rounding on store below float32): it must
+    # stay bitwise equal to transformers' LlamaRMSNorm in every dtype.
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from batchlm.models.llama import RMSNorm
+
+    g = torch.Generator().manual_seed(rows)
+    ours, theirs = RMSNorm(576, 1e-5), LlamaRMSNorm(576, eps=1e-5)
+    with torch.no_grad():
+        theirs.weight.copy_(torch.randn(576, generator=g) * 0.3 + 1)
+        ours.weight.copy_(theirs.weight)
+    ours, theirs = ours.to(dtype), theirs.to(dtype)
+    with torch.inference_mode():
+        for scale in (1e-3, 1.0, 40.0):
+            x = (torch.randn(rows, 576, generator=g) * scale).to(dtype)
+            assert torch.equal(ours(x), theirs(x)), (dtype, rows, scale)
