@@ -7,8 +7,6 @@ NOTE: written without a GPU at hand; it has never run (see README, GPUs).
 """
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,25 +18,10 @@ if torch.cuda.is_available():  # triton compiles for the device here (never its 
     from batchlm.kernels import triton_layers as tk
     from batchlm.models.llama import RMSNorm
     from batchlm.models.rope import RotaryEmbedding
-    from tests.kernels.attention_steps import check, random_lengths
+    from tests.kernels.attention_steps import assert_close, check, random_lengths, seeded
 
 CUDA = "cuda"
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-def seeded():
-    seed = random.SystemRandom().randrange(1 << 30)
-    return seed, torch.Generator().manual_seed(seed)
-
-
-def assert_close(out, ref, dtype, why):
-    assert not out.isnan().any(), f"output not fully written: {why}"
-    if dtype == torch.float32:
-        err = ((out - ref).abs().max() / ref.abs().max()).item()
-        assert err < 1e-4, f"max relative error {err}: {why}"
-    else:
-        err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-        assert err < 1e-2, f"relative norm error {err}: {why}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,7 +1,8 @@
 """Paged-attention steps for the kernel tests (interpreter and GPU): random
 caches and metadata, the Triton kernels launched one by one into NaN-filled
 outputs, and the comparison with the PyTorch reference (fp32: 1e-4 max
-relative; bf16/fp16: 1e-2 relative norm). `device` picks where they run."""
+relative; bf16/fp16: 1e-2 relative norm). `device` picks where they run.
+`seeded()` and `assert_close()` serve the layer-kernel tests too (same seeds, same tolerances)."""
 from __future__ import annotations
 
 import math
@@ -13,6 +14,23 @@ from batchlm.kernels import AttentionMetadata, TorchPagedAttention
 from batchlm.kernels import triton_attention as ta
 
 D = 32
+
+
+def seeded():
+    """(seed, generator): a fresh seed per call, printed by the test that fails."""
+    seed = random.SystemRandom().randrange(1 << 30)
+    return seed, torch.Generator().manual_seed(seed)
+
+
+def assert_close(out, ref, dtype, why):
+    """Fully written (no NaN left from the poisoned output), then fp32 1e-4 max relative, else 1e-2 norm."""
+    assert not out.isnan().any(), f"output not fully written: {why}"
+    if dtype == torch.float32:
+        err = max_rel_err(out, ref)
+        assert err < 1e-4, f"max relative error {err}: {why}"
+    else:
+        err = rel_err(out, ref)
+        assert err < 1e-2, f"relative norm error {err}: {why}"
 
 
 def rel_err(out, ref):

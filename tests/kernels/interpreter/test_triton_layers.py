@@ -4,8 +4,6 @@ PyTorch code, on fresh random inputs (the seed is in every failure message)
 written into NaN-filled outputs."""
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,23 +12,9 @@ from transformers import LlamaConfig
 from batchlm.kernels import triton_layers as tk
 from batchlm.models.llama import RMSNorm
 from batchlm.models.rope import RotaryEmbedding
+from tests.kernels.attention_steps import assert_close, seeded
 
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-def seeded():
-    seed = random.SystemRandom().randrange(1 << 30)
-    return seed, torch.Generator().manual_seed(seed)
-
-
-def assert_close(out, ref, dtype, why):
-    assert not out.isnan().any(), f"output not fully written: {why}"
-    if dtype == torch.float32:
-        err = ((out - ref).abs().max() / ref.abs().max()).item()
-        assert err < 1e-4, f"max relative error {err}: {why}"
-    else:
-        err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-        assert err < 1e-2, f"relative norm error {err}: {why}"
 
 
 @pytest.mark.parametrize("residual", [True, False])
