@@ -18,7 +18,8 @@ Contract
   model serves every line), `max_tokens`, `max_completion_tokens` (chat),
   `temperature`, `top_p`, `n`, `stop`, `seed`, `presence_penalty`,
   `frequency_penalty`, `logprobs` (chat: true/false; completion: top-k),
-  `top_logprobs` (chat). A missing max_tokens is OpenAI's default: none for
+  `top_logprobs` (chat), `response_format` (chat: text, json_object or json_schema ->
+  structured outputs, the schema checked here). A missing max_tokens is OpenAI's default: none for
   chat (up to max_model_len), 16 for completions. `null` is the same as absent.
 - `Request` is plain data (JSON between the Ray stages: `to_json`/`from_json`);
   `params` are SamplingParams keyword arguments, already checked.
@@ -36,6 +37,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from batchlm import StructuredOutputsParams
 from batchlm.sampling_params import SamplingParams
 
 CHAT_URL = "/v1/chat/completions"
@@ -44,7 +46,8 @@ REQUEST_COLUMN = "__request"
 
 _SAMPLING = ("max_tokens", "temperature", "top_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty")
 BODY_FIELDS = {
-    CHAT_URL: ("model", "messages", "max_completion_tokens", "logprobs", "top_logprobs", *_SAMPLING),
+    CHAT_URL: ("model", "messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format",
+               *_SAMPLING),
     COMPLETIONS_URL: ("model", "prompt", "logprobs", *_SAMPLING),
 }
 _DEFAULT_MAX_TOKENS = {CHAT_URL: None, COMPLETIONS_URL: 16}  # OpenAI's own defaults
@@ -195,6 +198,13 @@ def _sampling(body: dict, url: str) -> tuple[dict, int | None]:
     top = _logprobs(body, url)
     if top is not None:
         params["logprobs"] = top
+    constraint = _response_format(body.get("response_format"))
+    if constraint is not None:
+        try:
+            StructuredOutputsParams(**constraint)  # the schema checked here, named as the body's field
+        except ValueError as e:
+            raise _Bad("invalid_value", f"body.response_format: {e}") from None
+        params["structured_outputs"] = constraint
     try:
         SamplingParams(**params)
     except TypeError as e:  # a type the checks above let through
@@ -204,6 +214,29 @@ def _sampling(body: dict, url: str) -> tuple[dict, int | None]:
         name = length_field if name == "max_tokens" else name
         raise _Bad("invalid_value", f"body.{name} {rest}") from None
     return params, top
+
+
+def _response_format(rf) -> dict | None:
+    """Chat's `response_format` -> batchlm's structured_outputs (None: free text).
+
+    `{"type": "text"}`: no constraint; `{"type": "json_object"}`: any JSON object;
+    `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`: the schema (checked by the
+    caller, through StructuredOutputsParams)."""
+    if rf is None:
+        return None
+    kind = rf.get("type") if isinstance(rf, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        spec = rf.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise _Bad("invalid_value", "body.response_format.json_schema.schema must be a JSON schema object")
+        return {"json": schema}
+    raise _Bad("invalid_value", "body.response_format must be {\"type\": \"text\"}, {\"type\": \"json_object\"} "
+                                "or {\"type\": \"json_schema\", \"json_schema\": {\"schema\": ...}}")
 
 
 def _logprobs(body: dict, url: str) -> int | None:

@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import jsonschema
 import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
@@ -104,6 +105,12 @@ def _row(obj: dict, where: str = "r.jsonl#0") -> dict:
     (_completion("x", "hi", logprobs=True), "invalid_value", ["body.logprobs"]),
     (_completion("x", ["a", "b"]), "invalid_prompt", ["one prompt per request"]),
     (_completion("x", "hi", messages=[]), "unsupported_field", ["messages"]),
+    (_completion("x", "hi", response_format={"type": "json_object"}), "unsupported_field", ["response_format"]),
+    (_chat("x", "hi", response_format={"type": "yaml"}), "invalid_value", ["body.response_format"]),
+    (_chat("x", "hi", response_format={"type": "json_schema", "json_schema": {"name": "n"}}), "invalid_value",
+     ["response_format.json_schema.schema"]),
+    (_chat("x", "hi", response_format={"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}),
+     "invalid_value", ["body.response_format"]),
     ({**_chat("x", "hi"), "body": {"messages": [{"role": "tool", "content": "x"}]}}, "invalid_messages", ["tool"]),
     ({**_chat("x", "hi"), "body": {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}},
      "unsupported_field", ["image_url"]),
@@ -121,6 +128,14 @@ def test_good_lines_become_engine_params():
     assert chat.params == {"max_tokens": 5, "temperature": 0.5, "seed": 3, "stop": "\n", "n": 2, "logprobs": 2}
     comp = parse_request(_row({**_completion("b", [1, 2, 3]), "body": {"prompt": [1, 2, 3]}}), None, "job-model")
     assert comp.error is None and comp.model == "job-model" and comp.params == {"max_tokens": 16}
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    typed = parse_request(_row(_chat("c", "hi", response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": schema, "strict": True}})), None, "m")
+    assert typed.error is None and typed.params["structured_outputs"] == {"json": schema}
+    obj = parse_request(_row(_chat("d", "hi", response_format={"type": "json_object"})), None, "m")
+    assert obj.params["structured_outputs"] == {"json_object": True}
+    text = parse_request(_row(_chat("e", "hi", response_format={"type": "text"})), None, "m")
+    assert "structured_outputs" not in text.params
     dup = parse_request(_row(_chat("a", "again")), "r.jsonl#0", "m")
     assert dup.error_code == "duplicate_custom_id" and "r.jsonl#0" in dup.error
 
@@ -303,6 +318,14 @@ def test_engine_stage_answers_token_prompts_and_names_what_it_cannot_run(tmp_pat
     chat = ChatCompletion.model_validate(ok[2]["response"]["body"])
     assert [c.index for c in chat.choices] == [0, 1, 2] and chat.usage.completion_tokens <= 6
     assert out["error"].to_pylist()[1] == ok[1]["error"]["message"] and out["num_output_tokens"][1].as_py() == 0
+    # response_format json_schema: the random model's answer is held to the schema
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    typed, _ = stage(tiny_model, _chat("j", "hi", max_tokens=40, temperature=1.0, seed=1, response_format={
+        "type": "json_schema", "json_schema": {"name": "t", "schema": schema, "strict": True}}))
+    answer = ChatCompletion.model_validate(typed[0]["response"]["body"]).choices[0]
+    assert answer.finish_reason == "stop"
+    jsonschema.validate(json.loads(answer.message.content), schema)
 
     plain = tmp_path / "no-template"
     shutil.copytree(tiny_model, plain)
