@@ -16,9 +16,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 if torch.cuda.is_available():  # triton compiles for the device here (never its interpreter)
     from batchlm.kernels import triton_layers as tk
-    from batchlm.models.llama import RMSNorm
     from batchlm.models.rope import RotaryEmbedding
-    from tests.kernels.attention_steps import assert_close, check, random_lengths, seeded
+    from tests.kernels.attention_steps import assert_close, check, random_lengths, rms_norm_case, seeded
 
 CUDA = "cuda"
 DTYPES = [torch.float32, torch.bfloat16]
@@ -49,15 +48,7 @@ def test_prefill_and_chunked_prefill_on_cuda(G, bs, window, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_add_rms_norm_on_cuda(dtype, dim, residual):
     seed, g = seeded()
-    N = 33
-    norm = RMSNorm(dim, 1e-5).to(dtype).to(CUDA)
-    with torch.no_grad():
-        norm.weight.copy_(torch.randn(dim, generator=g) * 0.5 + 1)
-    x = torch.randn(N, dim, generator=g).to(dtype).to(CUDA)
-    res = torch.randn(N, dim, generator=g).to(dtype).to(CUDA) if residual else None
-    ref_res = x + res if residual else x
-    with torch.no_grad():
-        ref = norm(ref_res)
+    norm, x, res, ref_res, ref = rms_norm_case(dim, dtype, residual, 33, g, CUDA)
     out = torch.full_like(x, float("nan"))
     tk.add_rms_norm(x, res, norm.weight.data, 1e-5, out)
     why = f"seed={seed} dim={dim} residual={residual}"

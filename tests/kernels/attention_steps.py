@@ -33,6 +33,21 @@ def assert_close(out, ref, dtype, why):
         assert err < 1e-2, f"relative norm error {err}: {why}"
 
 
+def rms_norm_case(dim, dtype, residual, N, g, device="cpu"):
+    """A random fused add + RMSNorm case: (norm, x, residual or None, the summed input, the model's output)."""
+    from batchlm.models.llama import RMSNorm
+
+    norm = RMSNorm(dim, 1e-5).to(dtype).to(device)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(dim, generator=g) * 0.5 + 1)
+    x = torch.randn(N, dim, generator=g).to(dtype).to(device)
+    res = torch.randn(N, dim, generator=g).to(dtype).to(device) if residual else None
+    ref_res = x + res if residual else x
+    with torch.no_grad():
+        ref = norm(ref_res)
+    return norm, x, res, ref_res, ref
+
+
 def rel_err(out, ref):
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 

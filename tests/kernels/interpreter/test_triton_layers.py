@@ -10,9 +10,8 @@ import torch.nn.functional as F
 from transformers import LlamaConfig
 
 from batchlm.kernels import triton_layers as tk
-from batchlm.models.llama import RMSNorm
 from batchlm.models.rope import RotaryEmbedding
-from tests.kernels.attention_steps import assert_close, seeded
+from tests.kernels.attention_steps import assert_close, rms_norm_case, seeded
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -22,15 +21,7 @@ DTYPES = [torch.float32, torch.bfloat16]
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_add_rms_norm_matches_model(dtype, dim, residual):
     seed, g = seeded()
-    N = 7
-    norm = RMSNorm(dim, 1e-5).to(dtype)
-    with torch.no_grad():
-        norm.weight.copy_(torch.randn(dim, generator=g) * 0.5 + 1)
-    x = torch.randn(N, dim, generator=g).to(dtype)
-    res = torch.randn(N, dim, generator=g).to(dtype) if residual else None
-    ref_res = x + res if residual else x
-    with torch.no_grad():
-        ref = norm(ref_res)
+    norm, x, res, ref_res, ref = rms_norm_case(dim, dtype, residual, 7, g)
     out = torch.full_like(x, float("nan"))
     tk.add_rms_norm(x, res, norm.weight.data, 1e-5, out)
     why = f"seed={seed} dim={dim} residual={residual}"
