@@ -75,6 +75,22 @@ class _DecodeGroup(NamedTuple):
     tables: torch.Tensor | None  # [b, nb] block tables; None with first_block
 
 
+# fp8 KV caches (kv_cache_dtype="fp8", CUDA): stored as e4m3 bytes, moved as
+# uint8 (CUDA has no fp8 index_copy_), read into the queries' dtype.
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """An fp8 tensor viewed as uint8 (the same bytes); any other as is."""
+    return t.view(torch.uint8) if t.dtype in FP8_DTYPES else t
+
+
+def _compute_dtype(cache_dtype: torch.dtype, q_dtype: torch.dtype) -> torch.dtype:
+    """What decode attention computes in over a cache of `cache_dtype`: the
+    cache's dtype, except an fp8 cache, read into the queries' dtype."""
+    return q_dtype if cache_dtype in FP8_DTYPES else cache_dtype
+
+
 class TorchPagedAttention:
     """PyTorch reference: correct anywhere, and the CPU path of the engine.
 
@@ -122,8 +138,8 @@ class TorchPagedAttention:
         kt, vt = k.transpose(0, 1), v.transpose(0, 1)  # [KVH, T, D]
         if kt.dtype != k_cache.dtype:
             kt, vt = kt.to(k_cache.dtype), vt.to(v_cache.dtype)
-        k_cache.view(KVH, -1, D).index_copy_(1, meta.slot_mapping, kt)
-        v_cache.view(KVH, -1, D).index_copy_(1, meta.slot_mapping, vt)
+        _bytes(k_cache).view(KVH, -1, D).index_copy_(1, meta.slot_mapping, _bytes(kt))
+        _bytes(v_cache).view(KVH, -1, D).index_copy_(1, meta.slot_mapping, _bytes(vt))
         nd = meta.num_decodes
         if nd == T:  # decodes only (most steps of a batch job): no copy into `out`
             return self._decode(q, k_cache, v_cache, meta, scale, window)
@@ -149,19 +165,22 @@ class TorchPagedAttention:
         heads = torch.arange(0, KVH * NB, NB, device=tables.device)
         return (heads[:, None] + tables.reshape(1, -1)).reshape(-1)
 
-    def _gather(self, name, cache, rows, B, nb):
-        # cache: [KVH, NB, bs, D]; rows from _rows(cache, tables [B, nb]) -> [KVH, B, nb * bs, D]
+    def _gather(self, name, cache, rows, B, nb, dtype=None):
+        # cache: [KVH, NB, bs, D]; rows from _rows(cache, tables [B, nb]) -> [KVH, B, nb * bs, D],
+        # in `dtype` when given (an fp8 cache is gathered as bytes, then converted).
         KVH, NB, bs, D = cache.shape
-        buf = self._buffer(name, rows.numel() * bs * D, cache).view(-1, bs * D)
-        torch.index_select(cache.view(KVH * NB, bs * D), 0, rows, out=buf)
-        return buf.view(KVH, B, nb * bs, D)
+        raw = _bytes(cache)
+        buf = self._buffer(name, rows.numel() * bs * D, raw).view(-1, bs * D)
+        torch.index_select(raw.view(KVH * NB, bs * D), 0, rows, out=buf)
+        out = buf.view(cache.dtype).view(KVH, B, nb * bs, D)
+        return out if dtype is None or dtype == out.dtype else out.to(dtype)
 
     # Decode sequences are gathered in groups of about this many cached tokens,
     # so a group's gathered keys stay in the CPU's last-level cache between
     # the gather and the matmul that reads them.
     GROUP_TOKENS = 8192
 
-    def _decode_groups(self, meta, B, k_cache) -> list[_DecodeGroup]:
+    def _decode_groups(self, meta, B, k_cache, q_dtype) -> list[_DecodeGroup]:
         groups = meta.derived.get("decode_groups")
         if groups is not None:
             return groups
@@ -181,7 +200,8 @@ class TorchPagedAttention:
                 groups.append(_DecodeGroup(i, j, nb, first, None, None, None))
             else:
                 pad = torch.arange(width, device=meta.seq_lens.device)[None, :] >= meta.seq_lens[i:j, None]
-                bias = torch.zeros(pad.shape, dtype=k_cache.dtype, device=pad.device).masked_fill_(pad, float("-inf"))
+                bias = torch.zeros(pad.shape, dtype=_compute_dtype(k_cache.dtype, q_dtype), device=pad.device
+                                   ).masked_fill_(pad, float("-inf"))
                 tables = meta.block_tables[i:j, :nb]
                 groups.append(_DecodeGroup(i, j, nb, None, self._rows(k_cache, tables),
                                            bias[None, :, None, :], tables))
@@ -226,7 +246,8 @@ class TorchPagedAttention:
         B, H, D = q.shape
         KVH = k_cache.shape[0]
         G = H // KVH
-        groups = self._decode_groups(meta, B, k_cache)
+        groups = self._decode_groups(meta, B, k_cache, q.dtype)
+        compute = _compute_dtype(k_cache.dtype, q.dtype)
         cpu = q.device.type == "cpu"
         if B == 1 and (groups[0].first_block is not None or (cpu and k_cache.dtype in self.UPCAST_DTYPES)):
             # batch 1: the fewest ops (a bf16 cache is gathered, then as in place)
@@ -237,8 +258,8 @@ class TorchPagedAttention:
                                  keys, vals).view(1, H, D)
             return o if o.dtype == q.dtype else o.to(q.dtype)
         qs = (q * scale).view(B, KVH, G, D).transpose(0, 1)  # [KVH, B, G, D]
-        if qs.dtype != k_cache.dtype:
-            qs = qs.to(k_cache.dtype)
+        if qs.dtype != compute:
+            qs = qs.to(compute)
         out = None if len(groups) == 1 else torch.empty_like(q)
         for i, j, nb, first, rows, pad, tables in groups:
             b = j - i
@@ -248,12 +269,12 @@ class TorchPagedAttention:
             else:
                 if window is not None:
                     pad = self._window_bias(meta, i, j, pad, window)
-                keys = self._gather("k", k_cache, rows, b, nb)  # [KVH, b, L, D]
+                keys = self._gather("k", k_cache, rows, b, nb, compute)  # [KVH, b, L, D]
                 if cpu:
                     o = self._decode_cpu(qs[:, i:j], keys, v_cache, pad, meta, i, tables, window)
                 else:
                     # SDPA sees batch=KVH, heads=b, G queries each: no GQA expansion.
-                    vals = self._gather("v", v_cache, rows, b, nb)
+                    vals = self._gather("v", v_cache, rows, b, nb, compute)
                     o = F.scaled_dot_product_attention(qs[:, i:j], keys, vals, attn_mask=pad, scale=1.0)
             # o: [KVH, b, G, D]
             if out is None:  # one group: a view when b == 1, else one copy
@@ -364,8 +385,8 @@ class TorchPagedAttention:
                 keys = k_cache[:, first:first + nb].view(KVH, nb * bs, D)
                 vals = v_cache[:, first:first + nb].view(KVH, nb * bs, D)
             else:
-                keys = k_cache.view(-1, bs * D).index_select(0, rows).view(KVH, nb * bs, D)
-                vals = v_cache.view(-1, bs * D).index_select(0, rows).view(KVH, nb * bs, D)
+                keys = _bytes(k_cache).view(-1, bs * D).index_select(0, rows).view(k_cache.dtype).view(KVH, nb * bs, D)
+                vals = _bytes(v_cache).view(-1, bs * D).index_select(0, rows).view(v_cache.dtype).view(KVH, nb * bs, D)
             keys, vals = keys[:, :ctx].to(q.dtype), vals[:, :ctx].to(q.dtype)
         if q.device.type != "cpu":
             mask = None

@@ -28,14 +28,16 @@ class HFRun(OutputRates):
     num_prompt_tokens: int
 
 
-def load_hf_model(model_dir: str, dtype: str = "float32"):
+def load_hf_model(model_dir: str, dtype: str = "float32", device: str = "cpu"):
+    """The transformers model in `dtype` on `device` (the device batchlm ran on:
+    a GPU run's baseline on the same GPU)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch_dtype = {"float32": torch.float32, "auto": torch.float32, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}[dtype]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
-    return model.eval()
+    return model.to(device).eval()
 
 
 def eos_token_ids(model) -> list[int]:
@@ -78,7 +80,8 @@ def run_hf(model, prompts: list[list[int]], max_tokens: int, batch_size: int,
         for i, p in enumerate(batch):
             ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[i, width - len(p):] = 1
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                             generation_config=cfg)
         return [_cut(row, stop, max_tokens) for row in out[:, width:].tolist()]
 
     with torch.inference_mode():

@@ -24,7 +24,9 @@ cache at every step, so the agreement columns show it.
 
 Config items (`parse_config`): a dtype name (float32, bfloat16, float16,
 auto) gives `dtype=`; any other word gives `quantization=<word>` with
-`dtype=--dtype`; a suffix `+kv_<dtype>` gives `kv_cache_dtype=<dtype>`.
+`dtype=--dtype`; a suffix `+kv_<dtype>` gives `kv_cache_dtype=<dtype>`, and
+`+dense_head` after a quantization keeps the embedding table and LM head
+unquantized (`lm_head: false`).
 
 This module imports only the standard library at import time; torch and the
 engine are imported inside the functions that need them.
@@ -91,18 +93,26 @@ def windows(num_tokens: int, window: int, stride: int) -> list[Span]:
 
 
 # ---- configs --------------------------------------------------------------------
+DENSE_HEAD = "dense_head"  # suffix: the embedding table and LM head stay unquantized (lm_head=False)
 def parse_config(item: str, dtype: str = "auto") -> dict:
     """One `--configs` item -> kwargs for `LLM(model, ...)`. Raises ValueError
     on a malformed item (not on an unknown quantization: the engine decides)."""
     base, *suffixes = item.strip().split("+")
-    if not base or len(suffixes) > 1:
-        raise ValueError(f"config {item!r}: expected WORD or WORD+kv_DTYPE")
+    if not base or len(suffixes) > 2 or len(set(suffixes)) < len(suffixes):
+        raise ValueError(f"config {item!r}: expected WORD, WORD+kv_DTYPE or WORD+dense_head")
     kwargs = {"dtype": base} if base in DTYPES else {"quantization": base, "dtype": dtype}
-    if suffixes:
-        kv = suffixes[0]
-        if not kv.startswith("kv_") or len(kv) == 3:
-            raise ValueError(f"config {item!r}: the suffix must be +kv_<dtype>, got +{kv}")
-        kwargs["kv_cache_dtype"] = kv[3:]
+    for suffix in suffixes:
+        if suffix == DENSE_HEAD and "quantization" in kwargs:
+            import dataclasses
+
+            from batchlm.quantization.config import parse_quantization
+
+            kwargs["quantization"] = dataclasses.replace(parse_quantization(base), lm_head=False)
+        elif suffix.startswith("kv_") and len(suffix) > 3 and "kv_cache_dtype" not in kwargs:
+            kwargs["kv_cache_dtype"] = suffix[3:]
+        else:
+            raise ValueError(f"config {item!r}: a suffix is one +kv_<dtype> or +{DENSE_HEAD} "
+                             f"(after a quantization), got +{suffix}")
     return kwargs
 
 

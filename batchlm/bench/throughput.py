@@ -80,10 +80,10 @@ def compare_outputs(a: list[list[int]], b: list[list[int]], eos: set[int]) -> tu
     return same, where
 
 
-def _hf_rows(args, model_dir, work, flops_of, gflops, batchlm_tokens, dtype: str):
+def _hf_rows(args, model_dir, work, flops_of, gflops, batchlm_tokens, dtype: str, device: str):
     from batchlm.bench.hf_baseline import eos_token_ids, load_hf_model, run_hf
 
-    model = load_hf_model(model_dir, dtype)  # the dtype batchlm computed in
+    model = load_hf_model(model_dir, dtype, device)  # the dtype and device batchlm computed on
     rows, runs = [], []
     for bs in args.hf_batch_sizes:
         limit = None
@@ -152,6 +152,13 @@ def _torch_dtype(name: str):
 
         return auto_dtype(torch.device("cpu"))
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+
+
+def _default_device() -> str:
+    """Where the engine would run: the baseline alone (--skip-batchlm) runs there too."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def spec_kwargs(spec: str, dtype: str = "auto") -> dict:
@@ -235,6 +242,7 @@ def run(args) -> int:
     work = build_workload(args, tokenizer)
     lens = [len(p) for p in work.prompts]
     run_dtype = llm.engine.dtype if llm is not None else _torch_dtype(args.dtype)
+    run_device = str(llm.engine.device) if llm is not None else _default_device()
     gflops = matmul_gflops(dtype=run_dtype)
     flops_of = lambda p, o: workload_flops(config, p, o)  # noqa: E731
 
@@ -268,7 +276,7 @@ def run(args) -> int:
             summary["ratio_llamacpp_output_tokens_per_s"] = rows[0].output_tokens_per_s / row.output_tokens_per_s
     if args.baseline == "hf":
         hf_rows, best, hf_summary = _hf_rows(args, model_dir, work, flops_of, gflops, batchlm_tokens,
-                                            str(run_dtype).removeprefix("torch."))
+                                            str(run_dtype).removeprefix("torch."), run_device)
         rows.extend(hf_rows)
         summary["hf"] = hf_summary
         if ran_batchlm:

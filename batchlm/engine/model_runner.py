@@ -7,7 +7,7 @@ sampling, stopping or requests.
 
 With `enable_cuda_graphs` (CUDA, a Triton attention backend: the engine
 decides), steps where every sequence decodes one token replay a captured
-CUDA graph (batchlm.engine.cuda_graphs; never run yet: no GPU was at hand);
+CUDA graph (batchlm.engine.cuda_graphs);
 other steps, and batches larger than max_num_seqs, run eagerly.
 """
 from __future__ import annotations

@@ -51,7 +51,13 @@ def test_parse_configs():
     assert q.parse_config("bfloat16+kv_bfloat16") == {"dtype": "bfloat16", "kv_cache_dtype": "bfloat16"}
     assert q.parse_config("int8+kv_bfloat16") == {"quantization": "int8", "dtype": "auto",
                                                   "kv_cache_dtype": "bfloat16"}
-    for bad in ["", "+kv_bfloat16", "int8+bfloat16", "int8+kv_", "int8+kv_a+kv_b"]:
+    head = q.parse_config("fp8+dense_head+kv_fp8", "bfloat16")
+    assert head["kv_cache_dtype"] == "fp8" and head["dtype"] == "bfloat16"
+    assert (head["quantization"].method, head["quantization"].lm_head) == ("fp8", False)
+    g64 = q.parse_config("int4_g64+dense_head")["quantization"]
+    assert (g64.method, g64.group_size, g64.lm_head) == ("int4", 64, False)
+    for bad in ["", "+kv_bfloat16", "int8+bfloat16", "int8+kv_", "int8+kv_a+kv_b", "bfloat16+dense_head",
+                "int8+dense_head+dense_head"]:
         with pytest.raises(ValueError):
             q.parse_config(bad)
     # float32 is the reference: always first, never twice.

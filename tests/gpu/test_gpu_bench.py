@@ -1,6 +1,6 @@
 """`bench kernels` on a CUDA device: the Triton kernels and the PyTorch
 references both run, on small sizes, and every row has positive rates.
-Skipped without CUDA. NOTE: never run (no GPU at hand when written)."""
+Skipped without CUDA. Passed on an H100, 2026-11-26."""
 from __future__ import annotations
 
 import json

@@ -4,7 +4,7 @@ the reference attention on the GPU, with the Triton kernels (attention and
 layer kernels) eagerly, and with CUDA graphs for the decode steps; chunked
 prefill and prefix-cache hits included. Skipped without CUDA.
 
-NOTE: written without a GPU at hand; it has never run (see README, GPUs).
+Passed on an H100 (torch 2.11, triton 3.6), 2026-11-26 (see README, GPUs).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ the device): fresh random inputs each run (the seed is in every failure
 message), outputs filled with NaN before the call, fp32 within 1e-4 max
 relative error, bf16 within 1e-2 relative norm. Skipped without CUDA.
 
-NOTE: written without a GPU at hand; it has never run (see README, GPUs).
+Passed on an H100 (torch 2.11, triton 3.6), 2026-11-26 (see README, GPUs).
 """
 from __future__ import annotations
 
@@ -86,3 +86,34 @@ def test_silu_and_mul_on_cuda(dtype, inter):
     out = torch.full((17, inter), float("nan"), dtype=dtype, device=CUDA)
     tk.silu_and_mul(gate_up, out)
     assert_close(out, ref, dtype, f"seed={seed} inter={inter}")
+
+
+@pytest.mark.parametrize("window", [None, 40])
+@pytest.mark.parametrize("G", [1, 3])
+def test_fp8_kv_cache_reads_as_its_bf16_values_on_cuda(G, window):
+    """kv_cache_dtype="fp8" stays on the PyTorch reference: a step over an e4m3
+    cache (writes included) equals the same step over a bf16 cache holding the
+    same e4m3-rounded values, decodes and prefill chunks; the written slots
+    hold the new keys rounded to e4m3."""
+    from batchlm.kernels.attention import TorchPagedAttention
+    from tests.kernels.attention_steps import make_step
+
+    seed, _ = seeded()
+    shapes = [(c - 1, 1) for c in (1031, 300, 17, 2, 1)] + [(0, 37), (1001, 3), (20, 129)]
+    q, k, v, kc, vc, meta = make_step(shapes, G, 16, torch.bfloat16, seed, device=CUDA)
+    kc, vc = (c.clamp(-400, 400) for c in (kc, vc))  # e4m3 holds |x| <= 448
+    fp8 = torch.float8_e4m3fn
+    k8, v8 = kc.to(fp8), vc.to(fp8)
+    kb, vb = k8.to(torch.bfloat16), v8.to(torch.bfloat16)
+    # the bf16 twin gets keys/values already rounded to e4m3, so both caches hold the same values
+    kr, vr = k.to(fp8).to(torch.bfloat16), v.to(fp8).to(torch.bfloat16)
+    scale = 0.125
+    out8 = TorchPagedAttention().forward(q, kr, vr, k8, v8, meta, scale, window)  # a first chunk reads k itself
+    ref = TorchPagedAttention().forward(q, kr, vr, kb, vb, meta, scale, window)
+    why = f"seed={seed} G={G} window={window}"
+    assert out8.dtype == torch.bfloat16, why
+    assert_close(out8, ref, torch.bfloat16, why)
+    slots = meta.slot_mapping
+    KVH = kc.shape[0]
+    assert torch.equal(k8.view(KVH, -1, 32)[:, slots].to(torch.bfloat16), kr.transpose(0, 1)), why
+    assert torch.equal(v8.view(KVH, -1, 32)[:, slots].to(torch.bfloat16), vr.transpose(0, 1)), why

@@ -66,7 +66,7 @@ def test_dispatch(monkeypatch):
         get_attention_backend("cpu", "triton", torch.float8_e4m3fn)
     # the layer kernels follow the same switch: None (the models' own code) unless Triton is chosen
     assert get_layer_kernels("cpu") is None and get_layer_kernels("cpu", "torch") is None
-    assert get_layer_kernels("cuda", "auto") is None  # AUTO_TRITON_ON_CUDA stays off until a GPU run
+    assert isinstance(get_layer_kernels("cuda", "auto"), TritonLayerKernels)  # auto: Triton on CUDA
     assert isinstance(get_layer_kernels("cpu", "triton"), TritonLayerKernels)
     with pytest.raises(ValueError, match="attention backend"):
         get_layer_kernels("cpu", "flash")
