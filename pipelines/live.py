@@ -74,6 +74,8 @@ class StageReporter:
         self.spec_stats = spec_stats  # the engine's SpecStats when it speculates
         self._rows = self._errors = self._in_tok = self._out_tok = 0
         self._sent = time.monotonic()
+        # finished() runs on the engine's thread, the rest on Ray Data's event loop (engine_loop.py)
+        self._lock = threading.Lock()
 
     @classmethod
     def of(cls, llm, sink=None) -> StageReporter:
@@ -87,31 +89,37 @@ class StageReporter:
 
     def finished(self, output) -> None:
         """Per finished request (RequestOutput, or classify's scoring output)."""
-        self._rows += 1
-        self._errors += output.error is not None
-        self._in_tok += len(output.prompt_token_ids or ())
-        self._out_tok += sum(len(c.token_ids) for c in getattr(output, "outputs", ()))
-        if time.monotonic() - self._sent >= SEND_EVERY:
+        out_tok = sum(len(c.token_ids) for c in getattr(output, "outputs", ()))
+        with self._lock:
+            self._rows += 1
+            self._errors += output.error is not None
+            self._in_tok += len(output.prompt_token_ids or ())
+            self._out_tok += out_tok
+            due = time.monotonic() - self._sent >= SEND_EVERY
+        if due:
             self.flush()
 
     def rows_failed(self, n: int) -> None:
-        self._rows += n
-        self._errors += n
+        with self._lock:
+            self._rows += n
+            self._errors += n
 
     def failed_after_finish(self, n: int) -> None:
         """Rows already counted as finished whose output turned out unusable (extract: no parse)."""
-        self._errors += n
+        with self._lock:
+            self._errors += n
 
     def flush(self) -> None:
-        self._sent = time.monotonic()
+        with self._lock:
+            self._sent = time.monotonic()
+            sums = (self._rows, self._errors, self._in_tok, self._out_tok)
+            self._rows = self._errors = self._in_tok = self._out_tok = 0
         if self.sink is None:
             return
         if self.spec_stats is not None and self.spec_stats.verifications:
             self.sink.speculation.remote(os.getpid(), self.spec_stats.as_dict())
-        if not self._rows and not self._errors:
-            return
-        self.sink.add.remote(self._rows, self._errors, self._in_tok, self._out_tok)
-        self._rows = self._errors = self._in_tok = self._out_tok = 0
+        if sums[0] or sums[1]:
+            self.sink.add.remote(*sums)
 
 
 class LiveFeed:

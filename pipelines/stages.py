@@ -17,11 +17,11 @@ passes through untouched):
   unit descriptors -> all their rows, read, given ids, rendered, tokenized
   and length-checked (`PromptEncoder`, the rules of batchlm.prompts). Never
   raises for a bad row.
-- `EngineStage`: one `batchlm.LLM` per actor, fed token ids. Its `__call__`
-  is async: each call adds its batch's requests to the actor's one engine
-  and steps it until they are done, and Ray Data runs several calls at once,
-  so the next batch's requests are in the engine before the last ones
-  finish (no drain tail per batch). It returns the rows with __ids/__error
+- `EngineStage`: one `batchlm.LLM` per actor, fed token ids, loaded and
+  stepped on a thread of its own (engine_loop.EngineLoop). Its `__call__` is
+  async: each call hands its batch's requests to the engine and awaits them,
+  and Ray Data runs several calls at once, so the next batch's requests are
+  in the engine before the last ones finish (no drain tail per batch). It returns the rows with __ids/__error
   replaced by the output columns; a rejected request (`.error`) becomes that
   row's `error`. For extract (`schema`) each output is parsed and validated
   (extract.Extractor) into one typed column per top-level property; one that
@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass
 
 from batchlm.outputs import ClassificationOutput
+from batchlm.pipelines.engine_loop import EngineLoop, EngineRequest
 from batchlm.pipelines.errors import ConfigError
 from batchlm.pipelines.extract import Extractor, arrow_schema, column_names
 from batchlm.prompts import default_max_model_len, keep_last, label_token_ids, prompt_error, room_after_prompt
@@ -234,13 +235,16 @@ class EngineStage:
         from batchlm.pipelines.live import StageReporter
 
         t0 = time.monotonic()
-        if threads:
-            import torch
+        self.clock = StepClock()  # time inside engine.step (trace only)
 
-            torch.set_num_threads(threads)
-        from batchlm import LLM
+        def build():
+            from batchlm import LLM
 
-        self.llm = LLM(**engine_kwargs)
+            return LLM(**engine_kwargs)
+
+        # The model loads, and the engine steps, on a thread of the stage's own (engine_loop.py says why).
+        self.engine = EngineLoop(build, threads, self.clock)
+        self.llm = self.engine.llm
         self.params = params
         self.task_type = task_type
         self.labels = labels
@@ -249,52 +253,24 @@ class EngineStage:
         self.label_ids = label_token_ids(self.llm.get_tokenizer(), labels) if task_type == "classify" else None
         self.trace_path = trace_path
         self.report = StageReporter.of(self.llm, progress_sink)  # live progress to the driver (live.py)
+        self.engine.on_finished = self.report.finished  # called on the engine's thread, per finished row
         self.report.engine_up(time.monotonic() - t0)
-        self._done: dict[str, object] = {}  # finished engine outputs, by request id, until their call takes them
         self._next = itertools.count()
-        self._idle_since: float | None = None  # when the engine last ran out of requests (trace only)
-        self.clock = StepClock()  # time inside engine.step (trace only)
 
-    def _trace(self, units) -> None:
-        """`idle`: how long the engine sat empty before this call (no request to step)."""
-        now = time.time()
-        idle, self._idle_since = (now - self._idle_since if self._idle_since else 0.0), None
-        trace_units(self.trace_path, units, idle, self.clock)
-
-    def _submit(self, ids: list[int]) -> str:
-        rid = f"row-{next(self._next)}"
-        if self.label_ids is not None:
-            self.llm.engine.add_score_request(rid, ids, self.label_ids)
-        else:
-            self.llm.engine.add_request(rid, ids, self.params)
-        return rid
+    def _request(self, ids: list[int]) -> EngineRequest:
+        return EngineRequest(f"row-{next(self._next)}", ids, self.params, self.label_ids)
 
     async def __call__(self, batch):
-        import asyncio
-
-        self._trace(batch.column("__unit").to_pylist())
+        # `idle`: how long the engine sat empty (no request to step) before this call.
+        trace_units(self.trace_path, batch.column("__unit").to_pylist(), self.engine.take_idle(), self.clock)
         errors = batch.column("__error").to_pylist()
-        requests = {i: self._submit(ids) for i, ids in enumerate(batch.column("__ids").to_pylist())
+        requests = {i: self._request(ids) for i, ids in enumerate(batch.column("__ids").to_pylist())
                     if errors[i] is None}
-        pending = set(requests.values())
         self.report.rows_failed(len(errors) - len(requests))
-        engine = self.llm.engine
-        # NOTE: every call steps the actor's one engine for every call's requests (all on Ray Data's
-        # one event-loop thread, so never two steps at once). Yielding between steps lets the next
-        # batch's call add its requests before this batch's last ones finish: the engine never drains.
-        while True:
-            pending.difference_update(self._done)  # another call's steps may have finished them
-            if not pending:
-                break
-            if not engine.has_unfinished_requests():
-                raise RuntimeError(f"the engine lost {len(pending)} requests")
-            for out in self.clock.step(engine.step):
-                self._done[out.request_id] = out
-                self.report.finished(out)
-            await asyncio.sleep(0)
-        if not engine.has_unfinished_requests():
-            self._idle_since = time.time()  # drained: nothing to step until the next call
-        results = {i: self._done.pop(rid) for i, rid in requests.items()}
+        # NOTE: Ray Data runs two calls at once per actor; both hand their requests to the one engine,
+        # which steps while any is unfinished: the next batch joins before this one's last rows end.
+        done = await self.engine.run(list(requests.values()))
+        results = {i: done[r.request_id] for i, r in requests.items()}
         return self._table(batch, errors, results)
 
     def _table(self, batch, errors: list[str | None], results: dict):
