@@ -16,8 +16,8 @@ model load, request set-up, each step) runs on that one thread.
 
 If a step raises, every waiting `run` raises it and so does any later one
 (the engine's state is then unknown); a request the engine refuses to add
-fails its own `run` only (its batch's other requests are dropped when they
-finish). Requests the engine reports unfinished-but-gone fail their `run`
+fails its own `run` only (the requests of that run already added are
+aborted, as `LLM.generate` does). Requests the engine reports unfinished-but-gone fail their `run`
 with a RuntimeError instead of waiting forever.
 
 NOTE: why a thread of its own. OpenMP (libgomp) keeps one worker team per
@@ -193,12 +193,19 @@ class EngineLoop:
                 return
 
     def _add(self, engine, call: _Call, waiting: dict[str, _Call]) -> None:
+        """Adds a call's requests; if the engine refuses one, the call fails and its requests already
+        added are aborted (as LLM.generate does: nothing of the call runs)."""
+        added = []
         for r in call.requests:
             try:
                 r.add_to(engine)
-            except Exception as e:  # this call fails; its requests already added finish unheard
+            except Exception as e:
+                for rid in added:
+                    engine.abort_request(rid)
+                    waiting.pop(rid, None)
                 call.fail(e)
                 return
+            added.append(r.request_id)
             waiting[r.request_id] = call
 
     def _refuse(self, error: BaseException) -> None:

@@ -17,8 +17,10 @@ Contract
   UTF-8 character decodes to U+FFFD, as OpenAI's `token` does); `bytes` are
   that text's UTF-8 bytes.
 - `BatchEngineStage`: the Ray Data actor for `input.format: openai_batch`;
-  one `batchlm.LLM` per actor. Per call it sends every runnable request of the
-  batch to one `LLM.generate` with one SamplingParams per request: chat
+  one `batchlm.LLM` per actor, loaded and stepped on a thread of its own
+  (engine_loop.EngineLoop). Its `__call__` is async: each call hands every
+  runnable request of its batch to the engine, one SamplingParams per
+  request, and awaits them, while the next call's requests join: chat
   requests through the model's chat template (`LLM.apply_chat_template`, as
   `LLM.chat` does), completions as raw text or token ids. The engine's own
   length and empty-prompt rules decide what it refuses. It returns the rows
@@ -29,6 +31,7 @@ Contract
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 
@@ -110,25 +113,30 @@ def output_schema():
 
 
 class BatchEngineStage:
-    """Ray Data actor UDF for openai_batch: one engine per actor, a whole batch per engine call."""
+    """Ray Data actor UDF for openai_batch: one engine per actor, loaded and stepped on a thread of its
+    own (engine_loop.EngineLoop), fed continuously across batches (async: Ray Data runs two calls at once)."""
 
     def __init__(self, engine_kwargs: dict, threads: int | None, trace_path: str | None = None,
                  progress_sink=None):
+        from batchlm.pipelines.engine_loop import EngineLoop
         from batchlm.pipelines.live import StageReporter
 
         t0 = time.monotonic()
-        if threads:
-            import torch
 
-            torch.set_num_threads(threads)
-        from batchlm import LLM
+        def build():
+            from batchlm import LLM
 
-        self.llm = LLM(**engine_kwargs)
+            return LLM(**engine_kwargs)
+
+        self.engine = EngineLoop(build, threads)
+        self.llm = self.engine.llm
         self.tok = self.llm.get_tokenizer()
         self.vocab = int(self.llm.engine.hf_config.vocab_size)
         self.trace_path = trace_path
         self.report = StageReporter.of(self.llm, progress_sink)  # live progress to the driver (live.py)
+        self.engine.on_finished = self.report.finished  # on the engine's thread, per finished request
         self.report.engine_up(time.monotonic() - t0)
+        self._next = itertools.count()
 
     def _prompt(self, req: Request):
         """The engine's prompt (text or token ids) for a request; ValueError naming why it cannot run."""
@@ -146,10 +154,11 @@ class BatchEngineStage:
                 raise ValueError(f"body.prompt: token id {bad[0]} is outside the vocabulary (0..{self.vocab - 1})")
         return req.prompt
 
-    def __call__(self, batch):
+    async def __call__(self, batch):
         import pyarrow as pa
 
         from batchlm import SamplingParams
+        from batchlm.pipelines.engine_loop import EngineRequest
         from batchlm.pipelines.stages import trace_units
 
         trace_units(self.trace_path, batch.column("__unit").to_pylist())
@@ -157,21 +166,21 @@ class BatchEngineStage:
         n = len(reqs)
         lines: list[dict | None] = [None] * n
         out = {"error": [None] * n, "num_input_tokens": [0] * n, "num_output_tokens": [0] * n}
-        todo, prompts, params = [], [], []
+        todo, requests = [], []
         for i, req in enumerate(reqs):
             if req.error_code:
                 lines[i], out["error"][i] = error_line(req, req.error_code, req.error), req.error
                 continue
             try:
-                prompts.append(self._prompt(req))
+                prompt = self._prompt(req)
             except ValueError as e:
                 lines[i], out["error"][i] = error_line(req, "invalid_prompt", str(e)), str(e)
                 continue
             todo.append(i)
-            params.append(SamplingParams(**req.params))
+            requests.append(EngineRequest(f"req-{next(self._next)}", prompt, SamplingParams(**req.params)))
         self.report.rows_failed(n - len(todo))
-        results = self.llm.generate(prompts, params, use_tqdm=False,
-                                    on_finished=self.report.finished) if prompts else []
+        done = await self.engine.run(requests)
+        results = [done[r.request_id] for r in requests]
         self.report.flush()
         created = int(time.time())
         for i, r in zip(todo, results):

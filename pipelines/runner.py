@@ -190,7 +190,8 @@ def build_dataset(cfg: JobConfig, todo: list[Unit], carry: list[str], trace_path
                                 input_cfg=cfg.input, duplicates=duplicates or {}, default_model=cfg.model.name,
                                 id_name=id_column_name(cfg)))
         return ds.map_batches(BatchEngineStage, **engine,
-                              compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+                              compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi,
+                                                                 max_concurrent_calls_per_actor=2),
                               fn_constructor_kwargs=dict(engine_kwargs=cfg.model.engine_kwargs(),
                                                          threads=engine_threads(cfg), trace_path=trace_path,
                                                          progress_sink=progress_sink))

@@ -93,6 +93,7 @@ def test_a_refused_request_fails_its_own_run_only(loop):
     assert isinstance(bad, ValueError) and "refused on purpose" in str(bad)
     assert sorted(ok) == [f"ok-{i}" for i in range(4)]
     assert len(asyncio.run(loop.run(requests(prompts(2, 5), "after")))) == 2  # the loop still serves
+    assert not loop.llm.engine.has_unfinished_requests()  # the refused call's other requests were aborted
 
 
 def test_a_failed_step_fails_every_waiting_and_later_run(loop):

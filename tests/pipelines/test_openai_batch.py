@@ -5,6 +5,7 @@ every request line answered exactly once, failed lines as error lines, JSON
 Lines shards under the same commit protocol (damage found, manifest rebuilt)."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -304,7 +305,7 @@ def test_engine_stage_answers_token_prompts_and_names_what_it_cannot_run(tmp_pat
         batch = pa.table({"__unit": [0] * len(reqs), "__row": list(range(len(reqs))),
                           "id": [r.custom_id for r in reqs], REQUEST_COLUMN: [r.to_json() for r in reqs]})
         engine = {"model": model_dir, "max_model_len": 256, "kv_cache_memory": 1 << 24}
-        out = BatchEngineStage(engine, threads=1)(batch)
+        out = asyncio.run(BatchEngineStage(engine, threads=1)(batch))  # async, as Ray Data runs it
         assert out.column_names == ["__unit", "__row", "id", "line", "error", "num_input_tokens",
                                     "num_output_tokens"]
         return [json.loads(x) for x in out[LINE_COLUMN].to_pylist()], out
