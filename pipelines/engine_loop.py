@@ -12,7 +12,10 @@ of an async UDF together), and the engine steps whenever any request is
 unfinished, so the next batch's requests join before the last ones finish.
 `on_finished(output)` (optional) is called on the engine's thread for each
 finished request, as it finishes. Every torch operation of the engine (the
-model load, request set-up, each step) runs on that one thread.
+model load, request set-up, each step) runs on that one thread, and while it
+runs nothing else may touch the engine (it would step another thread's
+requests); `close()` ends the thread and hands the engine back to the
+caller (the tests compare with `LLM.generate` that way).
 
 If a step raises, every waiting `run` raises it and so does any later one
 (the engine's state is then unknown); a request the engine refuses to add

@@ -138,6 +138,11 @@ class BatchEngineStage:
         self.report.engine_up(time.monotonic() - t0)
         self._next = itertools.count()
 
+    def __del__(self):  # the engine's thread holds the engine: end it with the stage
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close(timeout=0)
+
     def _prompt(self, req: Request):
         """The engine's prompt (text or token ids) for a request; ValueError naming why it cannot run."""
         if req.chat:

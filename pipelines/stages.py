@@ -257,6 +257,11 @@ class EngineStage:
         self.report.engine_up(time.monotonic() - t0)
         self._next = itertools.count()
 
+    def __del__(self):  # the engine's thread holds the engine: end it with the stage
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close(timeout=0)
+
     def _request(self, ids: list[int]) -> EngineRequest:
         return EngineRequest(f"row-{next(self._next)}", ids, self.params, self.label_ids)
 

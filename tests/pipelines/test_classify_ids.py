@@ -70,6 +70,7 @@ def test_engine_stage_scores_the_rendered_ids_with_one_bos(tmp_path, bos_model, 
     assert out.column_names[-len(output_columns("classify")):] == output_columns("classify")
     assert out["error"].null_count == len(TEXTS)
     assert out["num_input_tokens"].to_pylist() == [len(ids) for ids in expected]
+    stage.engine.close()  # the engine's thread ends: the engine is this thread's to use directly
     stage.llm.engine.add_score_request = score
     stage.llm.reset_prefix_cache()
     direct = stage.llm.classify(expected, LABELS, use_tqdm=False)

@@ -66,10 +66,11 @@ def test_concurrent_runs_get_their_own_outputs_as_generate_would(loop):
     assert sorted(got_a) == sorted(f"a-{i}" for i in range(12)) and len(got_b) == 9
     engine = loop.llm.engine
     assert not engine.has_unfinished_requests()
+    assert asyncio.run(loop.run([])) == {}
+    loop.close()  # the engine's thread ends: the engine is this thread's to use directly
     direct = loop.llm.generate(a + b, PARAMS, use_tqdm=False)
     ours = [got_a[f"a-{i}"] for i in range(12)] + [got_b[f"b-{i}"] for i in range(9)]
     assert [o.outputs[0].token_ids for o in ours] == [o.outputs[0].token_ids for o in direct]
-    assert asyncio.run(loop.run([])) == {}
 
 
 def test_idle_time_counts_only_after_a_drain(loop):

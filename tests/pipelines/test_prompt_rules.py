@@ -82,6 +82,7 @@ def test_validate_the_run_and_the_engine_agree_on_every_row(tmp_path, tiny_model
     # the run's stages, in process: which rows fail, and why
     stage = EngineStage(**engine_stage_kwargs(cfg))
     out = run_engine_stage(stage, rendered_rows(cfg)).to_pydict()
+    stage.engine.close()  # the engine's thread ends: the engine is this thread's to use directly
     errors = dict(zip(LENGTHS, out["error"]))
     # the engine itself, on the same ids
     ids = [[65] * n for n in LENGTHS]  # 65: any byte token; the rules look at lengths only
