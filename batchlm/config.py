@@ -27,7 +27,7 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes for the KV cache (CPU); None: device default
     gpu_memory_utilization: float = 0.9
     seed: int = 0
-    # auto (the PyTorch references for now) | torch | triton: Triton attention and layer kernels (kernels/dispatch.py)
+    # auto (Triton on CUDA, the references on the CPU) | torch | triton: Triton attention and layer kernels (kernels/dispatch.py)
     attention_backend: str = "auto"
     # None, "int8", "int8_dynamic", "int4", "int4_g32|64|128", "fp8", or a dict
     # {"method", "group_size", "lm_head"} (batchlm/quantization/config.py).
@@ -35,7 +35,7 @@ class EngineConfig:
     # torch.compile the model's layers (attention stays eager): fused norms,
     # rotary and activations; costs ~10 s of compiling when the engine starts.
     compile_model: bool = False
-    # False (vLLM's default): on CUDA with attention_backend="triton", decode steps replay CUDA
+    # False (vLLM's default): on CUDA with the Triton attention (auto or triton), decode steps replay CUDA
     # graphs captured per batch-size bucket (engine/cuda_graphs.py; tested on an H100).
     # True: always eager. No effect on the CPU, with the reference attention or compile_model.
     enforce_eager: bool = False
