@@ -50,7 +50,9 @@ def test_kill9_driver_at_random_moments_then_resume(tmp_path, tiny_model):
     out = tmp_path / "out"
     cfg = write_yaml(tmp_path / "job.yaml", tiny_job(
         tiny_model, str(out), input={"limit": ROWS}, output={"rows_per_shard": PER_UNIT},
-        sampling={"max_tokens": 16}, resources={"batch_size": PER_UNIT}))
+        # NOTE: 128 new tokens per row (ignore_eos): with the engine stepping on its own thread 16 tokens
+        # finished the whole job between two polls of the shard count, before the kill could land.
+        sampling={"max_tokens": 128, "ignore_eos": True}, resources={"batch_size": PER_UNIT}))
     log = tmp_path / "driver.log"
     generations: dict[int, int] = {}
     kills = ["random", "during_shard_write", "random", "random", "random"]
