@@ -23,6 +23,12 @@ fails its own `run` only (the requests of that run already added are
 aborted, as `LLM.generate` does). Requests the engine reports unfinished-but-gone fail their `run`
 with a RuntimeError instead of waiting forever.
 
+`EngineLoopStage` is the base of the Ray Data UDFs that own one (stages.EngineStage,
+openai_responses.BatchEngineStage): `_start_engine(engine_kwargs, threads,
+progress_sink, clock)` loads `LLM(**engine_kwargs)` on a new loop and wires its
+live progress (`self.engine`, `self.llm`, `self.report`); the loop's thread ends
+with the stage.
+
 NOTE: why a thread of its own. OpenMP (libgomp) keeps one worker team per
 thread that opens parallel regions. Ray Data constructs a UDF on the actor's
 main thread and calls an async `__call__` from its event-loop thread; loading
@@ -218,3 +224,29 @@ class EngineLoop:
             if call is _STOP:
                 return
             call.fail(error)
+
+
+class EngineLoopStage:
+    """The part every engine UDF shares: its engine loop, its LLM and its live-progress reporter."""
+
+    engine: EngineLoop | None = None
+
+    def _start_engine(self, engine_kwargs: dict, threads: int | None, progress_sink=None, clock=None) -> None:
+        from batchlm.pipelines.live import StageReporter
+
+        t0 = time.monotonic()
+
+        def build():
+            from batchlm import LLM
+
+            return LLM(**engine_kwargs)
+
+        self.engine = EngineLoop(build, threads, clock)
+        self.llm = self.engine.llm
+        self.report = StageReporter.of(self.llm, progress_sink)  # live progress to the driver (live.py)
+        self.engine.on_finished = self.report.finished  # called on the engine's thread, per finished row
+        self.report.engine_up(time.monotonic() - t0)
+
+    def __del__(self):  # the loop's thread holds the engine (and the loop): end it with the stage
+        if self.engine is not None:
+            self.engine.close(timeout=0)

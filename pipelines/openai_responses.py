@@ -35,6 +35,7 @@ import itertools
 import json
 import time
 
+from batchlm.pipelines.engine_loop import EngineLoopStage, EngineRequest
 from batchlm.pipelines.openai_requests import REQUEST_COLUMN, Request
 
 LINE_COLUMN = "line"
@@ -112,36 +113,17 @@ def output_schema():
                       pa.field("num_input_tokens", pa.int32()), pa.field("num_output_tokens", pa.int32())])
 
 
-class BatchEngineStage:
+class BatchEngineStage(EngineLoopStage):
     """Ray Data actor UDF for openai_batch: one engine per actor, loaded and stepped on a thread of its
     own (engine_loop.EngineLoop), fed continuously across batches (async: Ray Data runs two calls at once)."""
 
     def __init__(self, engine_kwargs: dict, threads: int | None, trace_path: str | None = None,
                  progress_sink=None):
-        from batchlm.pipelines.engine_loop import EngineLoop
-        from batchlm.pipelines.live import StageReporter
-
-        t0 = time.monotonic()
-
-        def build():
-            from batchlm import LLM
-
-            return LLM(**engine_kwargs)
-
-        self.engine = EngineLoop(build, threads)
-        self.llm = self.engine.llm
+        self._start_engine(engine_kwargs, threads, progress_sink)
         self.tok = self.llm.get_tokenizer()
         self.vocab = int(self.llm.engine.hf_config.vocab_size)
         self.trace_path = trace_path
-        self.report = StageReporter.of(self.llm, progress_sink)  # live progress to the driver (live.py)
-        self.engine.on_finished = self.report.finished  # on the engine's thread, per finished request
-        self.report.engine_up(time.monotonic() - t0)
         self._next = itertools.count()
-
-    def __del__(self):  # the engine's thread holds the engine: end it with the stage
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.close(timeout=0)
 
     def _prompt(self, req: Request):
         """The engine's prompt (text or token ids) for a request; ValueError naming why it cannot run."""
@@ -163,7 +145,6 @@ class BatchEngineStage:
         import pyarrow as pa
 
         from batchlm import SamplingParams
-        from batchlm.pipelines.engine_loop import EngineRequest
         from batchlm.pipelines.stages import trace_units
 
         trace_units(self.trace_path, batch.column("__unit").to_pylist())

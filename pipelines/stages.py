@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass
 
 from batchlm.outputs import ClassificationOutput
-from batchlm.pipelines.engine_loop import EngineLoop, EngineRequest
+from batchlm.pipelines.engine_loop import EngineLoopStage, EngineRequest
 from batchlm.pipelines.errors import ConfigError
 from batchlm.pipelines.extract import Extractor, arrow_schema, column_names
 from batchlm.prompts import default_max_model_len, keep_last, label_token_ids, prompt_error, room_after_prompt
@@ -226,25 +226,14 @@ class ReadRender:
         return pa.table({k: pa.array(v, type=types.get(k)) for k, v in cols.items()})
 
 
-class EngineStage:
+class EngineStage(EngineLoopStage):
     """Ray Data actor UDF: one engine per actor, fed continuously across batches."""
 
     def __init__(self, engine_kwargs: dict, params, task_type: str, labels: list[str] | None,
                  threads: int | None, trace_path: str | None = None, progress_sink=None,
                  schema: dict | None = None):
-        from batchlm.pipelines.live import StageReporter
-
-        t0 = time.monotonic()
         self.clock = StepClock()  # time inside engine.step (trace only)
-
-        def build():
-            from batchlm import LLM
-
-            return LLM(**engine_kwargs)
-
-        # The model loads, and the engine steps, on a thread of the stage's own (engine_loop.py says why).
-        self.engine = EngineLoop(build, threads, self.clock)
-        self.llm = self.engine.llm
+        self._start_engine(engine_kwargs, threads, progress_sink, self.clock)
         self.params = params
         self.task_type = task_type
         self.labels = labels
@@ -252,15 +241,7 @@ class EngineStage:
         self.extractor = Extractor(schema) if task_type == "extract" else None  # compiled once per actor
         self.label_ids = label_token_ids(self.llm.get_tokenizer(), labels) if task_type == "classify" else None
         self.trace_path = trace_path
-        self.report = StageReporter.of(self.llm, progress_sink)  # live progress to the driver (live.py)
-        self.engine.on_finished = self.report.finished  # called on the engine's thread, per finished row
-        self.report.engine_up(time.monotonic() - t0)
         self._next = itertools.count()
-
-    def __del__(self):  # the engine's thread holds the engine: end it with the stage
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.close(timeout=0)
 
     def _request(self, ids: list[int]) -> EngineRequest:
         return EngineRequest(f"row-{next(self._next)}", ids, self.params, self.label_ids)
