@@ -8,12 +8,22 @@ shape. Layers with the same method, shape, group and dtype share one plan.
 Where a method has more than one kernel (int8: the int8pack kernel or
 dequantize-then-matmul; int4: the int4pack kernel or dequantize-then-matmul),
 each is timed at 1, 4, 16, 64 and 256 rows on the layer's own weight (one
-warm-up, median of 3) and the fastest is kept for batches up to that size;
+warm-up each, then ROUNDS rounds that time every candidate once, in turn;
+the best time of each) and the fastest is kept for batches up to that size;
 larger batches use the choice at 256 rows. Measured on a 2-core Xeon with
 AMX (2026-11-26): the packed kernels win at a few rows, dequantize-then-matmul
 wins once the matmul is compute-bound; on an AVX2-only EPYC the int8pack
 kernel was 4-18x slower than fp32 (issue 7), which is why it is measured,
 not assumed.
+
+NOTE: best of ROUNDS, candidates in turn. The first planner timed each
+kernel alone, median of 3: on this Xeon it kept int8pack for the default
+model's LM head (49152x576) up to 64 rows, where int8pack takes 25-30 ms and
+dequantize-then-matmul 11-14 ms (2026-11-26, 2 threads); a neighbour's
+burst during one kernel's three runs decides a median of 3, while it has to
+last through all ROUNDS rounds of the faster kernel to hide it from a best-of.
+PLAN_FORMAT is part of the cache key, so plans measured the old way are
+measured again.
 
 NOTE: kernels of one method differ in rounding, so a new plan can change
 outputs slightly. The plan is therefore kept in a JSON file (`cache_file`,
@@ -26,7 +36,6 @@ import hashlib
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +54,8 @@ CANDIDATES = {
 }
 BY_NAME = {fn.__name__: fn for fns in CANDIDATES.values() for fn in fns}
 ROWS = (1, 4, 16, 64, 256)
+ROUNDS = 5
+PLAN_FORMAT = 2  # in the cache key: a new way of measuring measures again
 UNBOUNDED = 1 << 62
 
 
@@ -66,18 +77,22 @@ def machine_key(device: torch.device) -> str:
                     break
         except OSError:
             pass
-    raw = f"{name}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+    raw = f"{name}|torch {torch.__version__}|threads {torch.get_num_threads()}|plan {PLAN_FORMAT}"
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
-def _time(fn, x, w) -> float:
-    fn(x, w)
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
+def fastest(fns, x, w, rounds: int = ROUNDS):
+    """The candidate with the best time on (x, w): one warm-up call each, then `rounds` rounds that
+    time every candidate once, in turn."""
+    for fn in fns:
         fn(x, w)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn(x, w)
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return fns[best.index(min(best))]
 
 
 def _measure(layer, dtype: torch.dtype, device: torch.device) -> list[tuple[int, str]]:
@@ -88,7 +103,7 @@ def _measure(layer, dtype: torch.dtype, device: torch.device) -> list[tuple[int,
     with torch.inference_mode():
         for rows in ROWS:
             x = torch.randn(rows, layer.in_features, dtype=dtype, device=device)
-            best.append(min(fns, key=lambda fn: _time(fn, x, layer.packed)).__name__)
+            best.append(fastest(fns, x, layer.packed).__name__)
     plan: list[tuple[int, str]] = []
     for rows, name in zip(ROWS, best):
         if plan and plan[-1][1] == name:

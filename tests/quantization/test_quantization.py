@@ -149,3 +149,32 @@ def test_quantized_kernels_chosen_by_plan_stay_close(tmp_path):
     for pos, (a, b) in enumerate(zip(got[1:], ref[1:]), start=1):
         actual = ids[0][pos]
         assert abs(a[actual] - b[actual]) < 0.05, (pos, a, b)
+
+
+def test_plan_keeps_the_faster_kernel_when_some_of_its_runs_are_disturbed():
+    """The planner's best-of-rounds: a kernel whose runs are slowed by a neighbour in all but one
+    round still beats a kernel that is steadily 3x slower (a median of 3 would keep the slow one)."""
+    import time
+
+    from batchlm.quantization import plan
+
+    calls = {"fast": 0}
+
+    def fast(x, w):
+        calls["fast"] += 1
+        time.sleep(0.002 if calls["fast"] % plan.ROUNDS == 0 else 0.02)  # disturbed 4 times in 5
+
+    def slow(x, w):
+        time.sleep(0.006)
+
+    assert plan.fastest((slow, fast), None, None) is fast
+    assert calls["fast"] == plan.ROUNDS + 1  # one warm-up, then once per round
+    assert plan.fastest((fast, slow), None, None, rounds=1) is slow  # one round sees only the burst
+
+
+def test_plan_cache_key_names_the_way_plans_are_measured(monkeypatch):
+    from batchlm.quantization import plan
+
+    key = plan.machine_key(torch.device("cpu"))
+    monkeypatch.setattr(plan, "PLAN_FORMAT", plan.PLAN_FORMAT + 1)
+    assert plan.machine_key(torch.device("cpu")) != key  # old plans are measured again
