@@ -6,11 +6,11 @@ Contract
 sets `layer.kernels` on every QuantLinear in `layers` and returns the plan by
 shape. Layers with the same method, shape, group and dtype share one plan.
 Where a method has more than one kernel (int8: the int8pack kernel or
-dequantize-then-matmul; int4: the int4pack kernel or dequantize-then-matmul),
-each is timed at 1, 4, 16, 64 and 256 rows on the layer's own weight (one
+dequantize-then-matmul, with the scales on the output or on the weight; int4: the int4pack kernel or dequantize-then-matmul),
+each is timed at 1, 4, 16, 64, 256 and 1024 rows on the layer's own weight (one
 warm-up each, then ROUNDS rounds that time every candidate once, in turn;
 the best time of each) and the fastest is kept for batches up to that size;
-larger batches use the choice at 256 rows. Measured on a 2-core Xeon with
+larger batches use the choice at 1024 rows. Measured on a 2-core Xeon with
 AMX (2026-11-26): the packed kernels win at a few rows, dequantize-then-matmul
 wins once the matmul is compute-bound; on an AVX2-only EPYC the int8pack
 kernel was 4-18x slower than fp32 (issue 7), which is why it is measured,
@@ -22,8 +22,8 @@ model's LM head (49152x576) up to 64 rows, where int8pack takes 25-30 ms and
 dequantize-then-matmul 11-14 ms (2026-11-26, 2 threads); a neighbour's
 burst during one kernel's three runs decides a median of 3, while it has to
 last through all ROUNDS rounds of the faster kernel to hide it from a best-of.
-PLAN_FORMAT is part of the cache key, so plans measured the old way are
-measured again.
+PLAN_FORMAT, ROWS and the candidates are part of the cache key, so plans
+measured the old way are measured again.
 
 NOTE: kernels of one method differ in rounding, so a new plan can change
 outputs slightly. The plan is therefore kept in a JSON file (`cache_file`,
@@ -47,13 +47,13 @@ from batchlm.kernels import quant_matmul as qm
 # NOTE: the last kernel of each method works at every batch size; a layer uses
 # it until a plan is set.
 CANDIDATES = {
-    "int8": (qm.int8_pack_mm, qm.int8_dequant_mm),
+    "int8": (qm.int8_pack_mm, qm.int8_dequant_scaled_mm, qm.int8_dequant_mm),
     "int8_dynamic": (qm.int8_dynamic_mm,),
     "int4": (qm.int4_pack_mm, qm.int4_dequant_mm),
     "fp8": (qm.fp8_scaled_mm,),
 }
 BY_NAME = {fn.__name__: fn for fns in CANDIDATES.values() for fn in fns}
-ROWS = (1, 4, 16, 64, 256)
+ROWS = (1, 4, 16, 64, 256, 1024)  # 1024: prefill chunks (the CPU's default step budget is 2048 tokens)
 ROUNDS = 5
 PLAN_FORMAT = 2  # in the cache key: a new way of measuring measures again
 UNBOUNDED = 1 << 62
@@ -77,7 +77,9 @@ def machine_key(device: torch.device) -> str:
                     break
         except OSError:
             pass
-    raw = f"{name}|torch {torch.__version__}|threads {torch.get_num_threads()}|plan {PLAN_FORMAT}"
+    # the way plans are measured (format, rows, candidates): a change measures them again
+    how = f"plan {PLAN_FORMAT} rows {ROWS} " + ",".join(fn.__name__ for fns in CANDIDATES.values() for fn in fns)
+    raw = f"{name}|torch {torch.__version__}|threads {torch.get_num_threads()}|{how}"
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 

@@ -63,7 +63,8 @@ def test_int8_kernels_match_reference(dtype, m, n, k):
     gq = quantize_int8(w)
     p = qm.pack_int8(gq.codes, gq.scale[:, 0], dtype)
     ref = F.linear(x.float(), qm.dequantize_int8(p))
-    for kernel, tol in ((qm.int8_dequant_mm, TOL[dtype]), (qm.int8_pack_mm, TOL[torch.bfloat16])):
+    for kernel, tol in ((qm.int8_dequant_mm, TOL[dtype]), (qm.int8_dequant_scaled_mm, TOL[dtype]),
+                        (qm.int8_pack_mm, TOL[torch.bfloat16])):
         out = kernel(x, p)
         assert out.dtype == dtype and out.shape == (m, n)
         assert _rel(out, ref) < tol, kernel.__name__

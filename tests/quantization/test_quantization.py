@@ -178,3 +178,7 @@ def test_plan_cache_key_names_the_way_plans_are_measured(monkeypatch):
     key = plan.machine_key(torch.device("cpu"))
     monkeypatch.setattr(plan, "PLAN_FORMAT", plan.PLAN_FORMAT + 1)
     assert plan.machine_key(torch.device("cpu")) != key  # old plans are measured again
+    monkeypatch.undo()
+    assert plan.machine_key(torch.device("cpu")) == key
+    monkeypatch.setitem(plan.CANDIDATES, "int8", plan.CANDIDATES["int8"][1:])
+    assert plan.machine_key(torch.device("cpu")) != key  # and so are plans with other candidates
