@@ -113,3 +113,59 @@ def test_a_failed_load_is_raised_by_the_constructor(tmp_path):
         LLM(model=str(tmp_path / "no-such-model"))
     with pytest.raises(type(direct.value)):
         EngineLoop(lambda: LLM(model=str(tmp_path / "no-such-model")), threads=1)
+
+
+def _nice() -> int:
+    import os
+
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+def _may_raise_priority() -> bool:
+    """Whether this process may lower a thread's nice value (CAP_SYS_NICE), probed on a spare thread."""
+    import os
+
+    got = []
+
+    def probe():
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 15)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 0)
+            got.append(True)
+        except OSError:
+            got.append(False)
+
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    return got[0]
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "setpriority"), reason="per-thread priorities: Linux")
+def test_engine_thread_runs_at_normal_priority_under_a_niced_worker(tiny_model):
+    """Ray starts workers at nice 15; the engine's thread (created by such a thread, so niced too)
+    goes back to nice 0 where the process may, and the thread that created it keeps its own."""
+    import os
+
+    if not _may_raise_priority():
+        pytest.skip("this process may not raise a thread's priority (no CAP_SYS_NICE)")
+    seen = {}
+
+    def build():
+        seen["nice"] = _nice()
+        return LLM(model=tiny_model, dtype="float32")
+
+    def as_a_ray_worker():
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 15)
+        seen["loop"] = EngineLoop(build, threads=1)
+        seen["creator"] = _nice()
+
+    t = threading.Thread(target=as_a_ray_worker)
+    t.start()
+    t.join()
+    loop = seen["loop"]
+    try:
+        assert seen["nice"] == 0 and seen["creator"] == 15
+        assert len(asyncio.run(loop.run(requests(prompts(2), "n")))) == 2
+    finally:
+        loop.close(timeout=10)
