@@ -177,8 +177,11 @@ def build_dataset(cfg: JobConfig, todo: list[Unit], carry: list[str], trace_path
     lo, hi = cfg.resources.replica_range()
     res = cfg.resources
     ds = ray.data.from_items([u.to_dict() for u in todo], override_num_blocks=len(todo))
+    # NOTE: both engine stages' __call__ is async (engine_loop.EngineLoop); two calls at once per
+    # actor put the next batch's requests into the engine before the current batch's last ones finish.
     engine = dict(batch_size=res.batch_size, batch_format="pyarrow",
-                  num_gpus=res.gpus_per_replica or None, num_cpus=res.cpus_per_replica)
+                  num_gpus=res.gpus_per_replica or None, num_cpus=res.cpus_per_replica,
+                  compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, max_concurrent_calls_per_actor=2))
     if cfg.input.format == "openai_batch":
         from batchlm.pipelines.openai_requests import read_requests
         from batchlm.pipelines.openai_responses import BatchEngineStage
@@ -190,8 +193,6 @@ def build_dataset(cfg: JobConfig, todo: list[Unit], carry: list[str], trace_path
                                 input_cfg=cfg.input, duplicates=duplicates or {}, default_model=cfg.model.name,
                                 id_name=id_column_name(cfg)))
         return ds.map_batches(BatchEngineStage, **engine,
-                              compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi,
-                                                                 max_concurrent_calls_per_actor=2),
                               fn_constructor_kwargs=dict(engine_kwargs=cfg.model.engine_kwargs(),
                                                          threads=engine_threads(cfg), trace_path=trace_path,
                                                          progress_sink=progress_sink))
@@ -201,12 +202,8 @@ def build_dataset(cfg: JobConfig, todo: list[Unit], carry: list[str], trace_path
         ReadRender, batch_size=1, batch_format="pyarrow", num_cpus=0,
         compute=ray.data.ActorPoolStrategy(size=min(2, len(todo))),
         fn_constructor_kwargs=dict(cfg=cfg, id_name=id_column_name(cfg), carry=carry))
-    return ds.map_batches(
-        EngineStage, **engine,
-        # NOTE: EngineStage.__call__ is async; two calls at once per actor put the next batch's
-        # requests into the engine before the current batch's last ones finish.
-        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, max_concurrent_calls_per_actor=2),
-        fn_constructor_kwargs=engine_stage_kwargs(cfg, trace_path, progress_sink))
+    return ds.map_batches(EngineStage, **engine,
+                          fn_constructor_kwargs=engine_stage_kwargs(cfg, trace_path, progress_sink))
 
 
 def engine_threads(cfg: JobConfig) -> int | None:

@@ -6,10 +6,11 @@ Contract
 sets `layer.kernels` on every QuantLinear in `layers` and returns the plan by
 shape. Layers with the same method, shape, group and dtype share one plan.
 Where a method has more than one kernel (int8: the int8pack kernel or
-dequantize-then-matmul, with the scales on the output or on the weight; int4: the int4pack kernel or dequantize-then-matmul),
-each is timed at 1, 4, 16, 64, 256 and 1024 rows on the layer's own weight (one
-warm-up each, then ROUNDS rounds that time every candidate once, in turn;
-the best time of each) and the fastest is kept for batches up to that size;
+dequantize-then-matmul, with the scales on the output or on the weight;
+int4: the int4pack kernel or dequantize-then-matmul), each is timed at 1,
+4, 16, 64, 256 and 1024 rows on the layer's own weight (one warm-up each,
+then ROUNDS rounds that time every candidate once, in turn; the best time
+of each) and the fastest is kept for batches up to that size;
 larger batches use the choice at 1024 rows. Measured on a 2-core Xeon with
 AMX (2026-11-26): the packed kernels win at a few rows, dequantize-then-matmul
 wins once the matmul is compute-bound; on an AVX2-only EPYC the int8pack
