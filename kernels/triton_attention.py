@@ -9,8 +9,10 @@ the same cache layout [KVH, num_blocks, block_size, D] and the same results
 (within float rounding). Three launches per layer and step:
 - `write_kv`: k, v [T, KVH, D] into their cache slots (`meta.slot_mapping`).
 - `paged_decode`: the first `num_decodes` tokens (one query each). The
-  context of each sequence is split across programs of SPLIT_BLOCKS cache
-  blocks (split-K); a second kernel merges the partial softmaxes.
+  context of each sequence is split across programs (split-K) when there
+  are too few sequences to fill the device (`decode_split`), each program
+  reading its blocks a tile of tokens at a time (`DECODE_TILING`); a second
+  kernel merges the partial softmaxes.
 - `paged_prefill`: the other sequences' query chunks (one or more tokens,
   e.g. speculative tokens to verify) attend to their cached prefix blocks and
   causally to themselves, read from the cache after `write_kv`.
@@ -40,11 +42,42 @@ from batchlm.kernels.attention import AttentionMetadata
 
 SUPPORTED_BLOCK_SIZES = (16, 32)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Cache blocks per decode program: a sequence of more than SPLIT_BLOCKS
-# blocks is attended by several programs whose results are then merged.
-SPLIT_BLOCKS = 16
+
+
+class DecodeTiling(NamedTuple):
+    """How one decode program walks its cache blocks: `tile` tokens at a time
+    (a power of two >= 16, for tl.dot), with these launch options."""
+
+    tile: int
+    num_warps: int
+    num_stages: int
+
+
+class DecodeSplit(NamedTuple):
+    """Programs per (sequence, kv head) (split-K), and cache blocks per program."""
+
+    num_splits: int
+    split_blocks: int
+
+
+# NOTE: chosen on an H100 by `python -m batchlm bench kernels --decode-sweep`
+# (2026-11-26; README, GPUs): at 256 sequences x 1024 context one program per
+# (sequence, kv head) with 128-token tiles, 8 warps and 3 stages was the
+# fastest of 50 tilings: 121 us vs 148 for 128/4/2 at 4 splits and 142 for
+# the one-block tiles the kernel had before (all timed with the host waiting
+# after each call, which added its launch latency).
+DECODE_TILING = DecodeTiling(tile=128, num_warps=8, num_stages=3)
+# The least a split may hold, and how many programs fill an SM: a step of
+# few sequences splits their contexts until PROGRAMS_PER_SM x SMs programs
+# run, never into pieces below MIN_SPLIT_BLOCKS blocks.
+MIN_SPLIT_BLOCKS = 16
+PROGRAMS_PER_SM = 4
+# What `bench kernels --decode-sweep` tries (CUDA): fixed split sizes and
+# decode_split's own choice (None), under each tiling.
+DECODE_SWEEP = tuple((split, DecodeTiling(t, w, n)) for t in (32, 64, 128) for w in (4, 8) for n in (2, 3)
+                     for split in (None, 16, 32, 64))
 PREFILL_BLOCK_M = 16  # query tokens per prefill program (>= 16 for tl.dot)
-NUM_WARPS = 4
+PREFILL_NUM_WARPS = 4
 _INTERPRETED = isinstance(tl.standard.cdiv, InterpretedFunction)  # see interpreter_enabled
 
 
@@ -67,9 +100,9 @@ def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
 
 @triton.jit
 def _online_softmax_step(acc, m_i, l_i, scores, val_ptrs, kv_mask, dot_dtype):
-    """One key block of streaming softmax attention: scores [R, BLOCK_SIZE] (-inf where
-    masked) and the block's values -> the running (acc, max, sum). A row that sees
-    nothing in this block keeps a finite max, so exp() gives 0, not NaN."""
+    """One key tile of streaming softmax attention: scores [R, N] (-inf where
+    masked) and the tile's values -> the running (acc, max, sum). A row that sees
+    nothing in this tile keeps a finite max, so exp() gives 0, not NaN."""
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m_i - m_safe)
@@ -80,23 +113,26 @@ def _online_softmax_step(acc, m_i, l_i, scores, val_ptrs, kv_mask, dot_dtype):
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window", "num_splits", "split_blocks"])
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr,
-                         part_acc_ptr, part_ml_ptr, scale, window, num_splits,
+                         part_acc_ptr, part_ml_ptr, scale, window, num_splits, split_blocks,
                          stride_qt, stride_qh, stride_table, cache_head_stride,
                          G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr,
-                         UPCAST_DOT: tl.constexpr):
+                         BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                         TILE: tl.constexpr, UPCAST_DOT: tl.constexpr):
     # grid (B, KVH, num_splits): the G query heads of kv head `kvh` of
-    # sequence b, over cache blocks [first + s * SPLIT, first + (s + 1) * SPLIT).
+    # sequence b, over cache blocks [first + s * split_blocks, first + (s + 1) * split_blocks),
+    # TILE tokens (TILE / BLOCK_SIZE cache blocks) per loop iteration: each
+    # token's block id comes from the table, so one tile's loads span several
+    # scattered blocks and are issued together.
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
     H = tl.num_programs(1) * G
     ctx = tl.load(seq_lens_ptr + b).to(tl.int32)
     lo = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)  # window: positions (ctx - W, ctx]
-    blk_start = lo // BLOCK_SIZE + s * SPLIT
-    blk_end = tl.minimum(blk_start + SPLIT, (ctx + BLOCK_SIZE - 1) // BLOCK_SIZE)
+    tok_start = (lo // BLOCK_SIZE + s * split_blocks) * BLOCK_SIZE
+    tok_end = tl.minimum(tok_start + split_blocks * BLOCK_SIZE, ctx)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     gm = g < G
@@ -109,16 +145,18 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_p
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    offs = tl.arange(0, BLOCK_SIZE)
+    offs = tl.arange(0, TILE)
     head_base = kvh.to(tl.int64) * cache_head_stride
-    for blk in range(blk_start, blk_end):
-        block_id = tl.load(tables_ptr + b * stride_table + blk).to(tl.int64)
-        pos = blk * BLOCK_SIZE + offs
-        valid = (pos >= lo) & (pos < ctx)
-        rows = head_base + (block_id * BLOCK_SIZE + offs)[:, None] * D + d[None, :]
+    table = tables_ptr + b.to(tl.int64) * stride_table
+    for t0 in range(tok_start, tok_end, TILE):
+        pos = t0 + offs
+        inside = pos < tok_end
+        valid = inside & (pos >= lo)
+        block_id = tl.load(table + pos // BLOCK_SIZE, mask=inside, other=0).to(tl.int64)
+        rows = head_base + (block_id * BLOCK_SIZE + pos % BLOCK_SIZE)[:, None] * D + d[None, :]
         kv_mask = valid[:, None] & dm[None, :]
-        key = tl.load(k_cache_ptr + rows, mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_SIZE, BLOCK_D]
-        scores = tl.dot(q, tl.trans(key), input_precision="ieee") * scale  # [BLOCK_G, BLOCK_SIZE]
+        key = tl.load(k_cache_ptr + rows, mask=kv_mask, other=0.0).to(q.dtype)  # [TILE, BLOCK_D]
+        scores = tl.dot(q, tl.trans(key), input_precision="ieee") * scale  # [BLOCK_G, TILE]
         scores = tl.where(valid[None, :], scores, float("-inf"))
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, scores, v_cache_ptr + rows, kv_mask, q.dtype)
     # Partials: acc [B, H, S, D] (unnormalized), (m, l) [B, H, S, 2]; an empty split leaves (-inf, 0).
@@ -128,7 +166,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_p
     tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=gm)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(part_acc_ptr, part_ml_ptr, out_ptr, num_splits, stride_ot, stride_oh,
                           D: tl.constexpr, BLOCK_D: tl.constexpr):
     # grid (B, H): merge the num_splits partial softmaxes of one query head.
@@ -226,26 +264,42 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping):
         k_cache.stride(0), D=D, BLOCK_D=_block_d(D), num_warps=1)
 
 
-def decode_splits(seq_lens: list[int], block_size: int, window: int | None) -> int:
-    """Programs per (sequence, kv head) for these decode context lengths."""
+def attended_blocks(seq_lens: list[int], block_size: int, window: int | None) -> int:
+    """The most cache blocks one of these decodes reads (its window's, if any)."""
     most = 1
     for ctx in seq_lens:
         lo = max(0, ctx - window) if window else 0
         most = max(most, -(-ctx // block_size) - lo // block_size)
-    return -(-most // SPLIT_BLOCKS)
+    return most
 
 
-def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, window, out, num_splits):
-    """q: [B, H, D], one query per sequence at position seq_lens[b] - 1 -> out [B, H, D]."""
+def decode_split(most_blocks: int, num_seqs: int, num_kv_heads: int, target_programs: int | None,
+                 min_split_blocks: int = MIN_SPLIT_BLOCKS) -> DecodeSplit:
+    """Split each (sequence, kv head) into as many programs as it takes to
+    reach `target_programs` in all (None: no limit), into pieces of at least
+    `min_split_blocks` blocks; `most_blocks` is `attended_blocks`'s."""
+    by_size = max(1, most_blocks // min_split_blocks)
+    wanted = by_size if target_programs is None else -(-target_programs // (num_seqs * num_kv_heads))
+    split_blocks = -(-most_blocks // max(1, min(by_size, wanted)))
+    return DecodeSplit(-(-most_blocks // split_blocks), split_blocks)
+
+
+def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, window, out, split: DecodeSplit,
+                 tiling: DecodeTiling = DECODE_TILING):
+    """q: [B, H, D], one query per sequence at position seq_lens[b] - 1 -> out [B, H, D].
+    `split` must cover every sequence's attended blocks (`decode_split`)."""
     B, H, D = q.shape
     KVH, _, bs, _ = k_cache.shape
     q = _unit_last(q)
+    num_splits = split.num_splits
     part_acc = torch.empty(B * H * num_splits * D, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(B * H * num_splits * 2, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(B, KVH, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, part_acc, part_ml, scale, window or 0, num_splits,
+        split.split_blocks,
         q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0),
-        **_decode_constexprs(H // KVH, D, bs, _INTERPRETED), num_warps=NUM_WARPS)
+        **_decode_constexprs(H // KVH, D, bs, tiling, _INTERPRETED), num_warps=tiling.num_warps,
+        num_stages=tiling.num_stages)
     _decode_reduce_kernel[(B, H)](part_acc, part_ml, out, num_splits, out.stride(0), out.stride(1),
                                   D=D, BLOCK_D=_block_d(D), num_warps=1)
 
@@ -261,16 +315,16 @@ def paged_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, 
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, scale, window or 0, first_seq,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), k_cache.stride(0),
-        **_prefill_constexprs(H // KVH, D, bs, _INTERPRETED), num_warps=NUM_WARPS)
+        **_prefill_constexprs(H // KVH, D, bs, _INTERPRETED), num_warps=PREFILL_NUM_WARPS)
 
 
 # NOTE: Triton 3.9's interpreter computes tl.dot on bfloat16/float16 tiles
 # wrongly (garbage of ~1e9), so under the interpreter the attention kernels
 # take their dot products in float32 (UPCAST_DOT); on a GPU they run in the
 # activation dtype with float32 accumulation.
-def _decode_constexprs(G, D, block_size, upcast_dot=False):
-    return dict(G=G, D=D, BLOCK_G=_block_g(G), BLOCK_D=_block_d(D), BLOCK_SIZE=block_size, SPLIT=SPLIT_BLOCKS,
-                UPCAST_DOT=upcast_dot)
+def _decode_constexprs(G, D, block_size, tiling=DECODE_TILING, upcast_dot=False):
+    return dict(G=G, D=D, BLOCK_G=_block_g(G), BLOCK_D=_block_d(D), BLOCK_SIZE=block_size,
+                TILE=tiling.tile, UPCAST_DOT=upcast_dot)
 
 
 def _prefill_constexprs(G, D, block_size, upcast_dot=False):
@@ -285,6 +339,7 @@ class LaunchConfig(NamedTuple):
     signature: dict  # argument name -> Triton type ("*bf16", "i32", "fp32", "constexpr")
     constexprs: dict
     num_warps: int
+    num_stages: int = 3  # Triton's default on NVIDIA
 
 
 _TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -310,11 +365,12 @@ def launch_configs(num_heads: int, num_kv_heads: int, head_dim: int, block_size:
         LaunchConfig(_write_kv_kernel, sig(_write_kv_kernel, [act, act, cache, cache, "*i64"] + ["i32"] * 5, write),
                      write, 1),
         LaunchConfig(_decode_split_kernel, sig(_decode_split_kernel, [act, cache, cache, "*i64", "*i64", "*fp32",
-                     "*fp32", "fp32", "i32", "i32"] + ["i32"] * 4, dec), dec, NUM_WARPS),
+                     "*fp32", "fp32", "i32", "i32", "i32"] + ["i32"] * 4, dec), dec, DECODE_TILING.num_warps,
+                     DECODE_TILING.num_stages),
         LaunchConfig(_decode_reduce_kernel, sig(_decode_reduce_kernel, ["*fp32", "*fp32", act] + ["i32"] * 3, red),
                      red, 1),
         LaunchConfig(_prefill_kernel, sig(_prefill_kernel, [act, cache, cache, act, "*i64", "*i64", "*i64", "fp32",
-                     "i32", "i32"] + ["i32"] * 6, pre), pre, NUM_WARPS),
+                     "i32", "i32"] + ["i32"] * 6, pre), pre, PREFILL_NUM_WARPS),
     ]
 
 
@@ -330,6 +386,10 @@ class TritonPagedAttention:
                 "attention_backend='triton' on the CPU runs Triton's interpreter: set "
                 "TRITON_INTERPRET=1 in the environment before the process imports triton "
                 "(or use attention_backend='torch')")
+        # Under the interpreter (no SMs to fill) contexts split as finely as
+        # MIN_SPLIT_BLOCKS allows, so that the CPU tests go through the merge.
+        self.target_programs = (PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+                                if device.type == "cuda" else None)
 
     @staticmethod
     def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int):
@@ -349,14 +409,16 @@ class TritonPagedAttention:
         out = torch.empty_like(q)
         nd, S = meta.num_decodes, len(meta.seq_lens_list)
         if nd:
-            key = ("triton_splits", window)
-            splits = meta.derived.get(key)
-            if splits is None and meta.graph_max_blocks is not None:  # a CUDA graph: the most any replay needs
-                splits = meta.derived[key] = -(-meta.graph_max_blocks // SPLIT_BLOCKS)
-            elif splits is None:  # once per step and window, not per layer
-                splits = meta.derived[key] = decode_splits(meta.seq_lens_list[:nd], meta.block_size, window)
+            key = ("triton_split", window)
+            split = meta.derived.get(key)
+            if split is None:  # once per step and window, not per layer
+                if meta.graph_max_blocks is not None:  # a CUDA graph: the most any replay needs
+                    most = meta.graph_max_blocks
+                else:
+                    most = attended_blocks(meta.seq_lens_list[:nd], meta.block_size, window)
+                split = meta.derived[key] = decode_split(most, nd, k_cache.shape[0], self.target_programs)
             paged_decode(q[:nd], k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, window,
-                         out[:nd], splits)
+                         out[:nd], split)
         if S > nd:
             paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, nd,
                           S - nd, max(meta.query_lens_list[nd:]), scale, window, out)

@@ -162,6 +162,9 @@ def _add_kernels(sub) -> None:
         sizes.add_argument(f"--{name}", type=_positive, default=None)
     p.add_argument("--warmup", type=_positive, default=3)
     p.add_argument("--repeats", type=_positive, default=20)
+    p.add_argument("--decode-sweep", action="store_true",
+                   help="CUDA: also time the Triton decode kernels alone under each tiling of DECODE_SWEEP "
+                        "(batchlm/kernels/triton_attention.py), each checked against the reference first")
     p.add_argument("--json", metavar="OUT", help="also write the report as JSON here")
     p.set_defaults(func=_run_kernels)
 

@@ -16,8 +16,15 @@ intermediate 1536), small ones on the CPU so that it ends within a minute.
 Bytes are the least traffic a kernel needs (each input read once, each output
 written once; a decode reads each sequence's keys and values once), FLOPs the
 matmul work of attention (4 x query x key pairs x head dim) or the
-elementwise ops. Timing: CUDA events (CPU: perf_counter) around one call,
-after warm-ups; the median of `repeats`.
+elementwise ops. Timing (`time_call`): CUDA events around each of
+`repeats` calls queued back to back, the L2 cache flushed before each
+(CPU: perf_counter around one call), after warm-ups; the median.
+
+`--decode-sweep` (CUDA only) also times the Triton decode kernels alone
+(split + merge, no cache write) at the decode size under each tiling of
+`DECODE_SWEEP`, each checked against the reference's output first: how
+`DECODE_TILING` in batchlm/kernels/triton_attention.py was chosen, and how
+to choose it again for another card.
 """
 from __future__ import annotations
 
@@ -38,6 +45,7 @@ SIZES = {  # per device type: the defaults of the size options
     "cpu": dict(decode_seqs=16, decode_context=256, prefill_seqs=2, prefill_len=128, tokens=64,
                 copy_mib=64, matmul_n=1024),
 }
+L2_FLUSH_BYTES = 256 << 20  # above any current GPU's L2 (H100: 50 MiB)
 CPU_NOTE = "Triton needs CUDA: on the CPU only the PyTorch references ran"
 
 
@@ -56,6 +64,7 @@ class KernelOptions:
     prefill_seqs: int | None = None
     prefill_len: int | None = None
     tokens: int | None = None  # rows of the layer kernels
+    decode_sweep: bool = False
     copy_mib: int | None = None
     matmul_n: int | None = None
     warmup: int = 3
@@ -67,22 +76,33 @@ class KernelOptions:
 
 
 def time_call(fn, device: torch.device, warmup: int, repeats: int) -> float:
-    """Median seconds of fn() over `repeats` calls, after `warmup`."""
+    """Median seconds of fn() over `repeats` calls, after `warmup`.
+
+    On CUDA the calls are queued back to back, each between two events and
+    after a write of L2_FLUSH_BYTES (so no call finds its inputs in the L2
+    cache), and the host waits once at the end: a kernel's time is the
+    device's, not the host's launch latency, as when a CUDA graph replays
+    it. (Waiting after each call, as this did before 2026-11-26, added the
+    host's launch time to every figure: 360 us instead of ~150 for the
+    default decode.)"""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    if device.type == "cuda":
+        flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(repeats)]
+        for start, end in events:
+            flush.zero_()
             start.record()
             fn()
             end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+        torch.cuda.synchronize(device)
+        return statistics.median(start.elapsed_time(end) / 1e3 for start, end in events)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
@@ -208,6 +228,50 @@ def cases(o: KernelOptions, device: torch.device, dtype, triton: bool):
     yield "silu and mul", f"{N} x {inter}", 3 * N * inter * el, 5 * N * inter, impls
 
 
+def decode_sweep(o: KernelOptions, device: torch.device, dtype, seed: int = 1) -> list[dict]:
+    """The decode kernels alone under each tiling of DECODE_SWEEP (see the contract)."""
+    from batchlm.kernels import triton_attention as ta
+
+    g = torch.Generator().manual_seed(seed)
+    B, ctx = o.size("decode_seqs", device), o.size("decode_context", device)
+    q, k, v, cache, meta = paged_step([(ctx - 1, 1)] * B, o, dtype, device, g)
+    q = q.contiguous()
+    scale = 1 / math.sqrt(o.head_dim)
+    ref = TorchPagedAttention().forward(q, k, v, cache[0], cache[1], _fresh(meta), scale).float()
+    el = torch.tensor([], dtype=dtype).element_size()
+    nbytes = (2 * B * ctx * o.kv_heads * o.head_dim + 2 * B * o.heads * o.head_dim) * el
+    most = ta.attended_blocks(meta.seq_lens_list, o.block_size, None)
+    target = ta.TritonPagedAttention(device).target_programs
+    rows = []
+    for split_blocks, tiling in ta.DECODE_SWEEP:
+        if split_blocks is None:  # the backend's own choice
+            split = ta.decode_split(most, B, o.kv_heads, target)
+        else:
+            split = ta.decode_split(most, B, o.kv_heads, None, min_split_blocks=split_blocks)
+        out = torch.full_like(q, float("nan"))
+
+        def call(tiling=tiling, split=split, out=out):
+            ta.paged_decode(q, cache[0], cache[1], meta.block_tables, meta.seq_lens, scale, None, out, split,
+                            tiling)
+        default = split_blocks is None and tiling == ta.DECODE_TILING
+        row = {"kernel": "decode tiling", "impl": "triton", "tiling": tiling._asdict(),
+               "split_blocks": split_blocks, "splits": split.num_splits,
+               "shape": f"split {split_blocks or 'auto'} tile {tiling.tile} warps {tiling.num_warps} "
+                        f"stages {tiling.num_stages}" + (" (default)" if default else "")}
+        try:
+            call()
+        except Exception as e:  # a tiling this card cannot compile or run: reported, not fatal
+            rows.append({**row, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
+            continue
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        if not err < 1e-2:
+            rows.append({**row, "error": f"relative error {err:.3g} against the reference"})
+            continue
+        s = time_call(call, device, o.warmup, o.repeats)
+        rows.append({**row, "median_us": s * 1e6, "gb_s": nbytes / s / 1e9, "rel_err": err, "bytes": nbytes})
+    return rows
+
+
 def _fresh(meta: AttentionMetadata) -> AttentionMetadata:
     return AttentionMetadata(meta.slot_mapping, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                              meta.num_decodes, meta.seq_lens_list, meta.query_lens_list, meta.block_size,
@@ -235,6 +299,13 @@ def measure(o: KernelOptions) -> dict:
                              "gb_s": gbs, "tflop_s": tfs, "bytes": nbytes, "flops": flops,
                              "pct_copy_bw": 100 * gbs / ceil["copy_gb_s"],
                              "pct_matmul": 100 * tfs / ceil["matmul_bf16_tflop_s"]})
+        if o.decode_sweep:
+            if not triton:
+                raise ValueError("--decode-sweep times the Triton decode kernel: it needs CUDA")
+            for r in decode_sweep(o, device, dtype):
+                if "gb_s" in r:
+                    r["pct_copy_bw"] = 100 * r["gb_s"] / ceil["copy_gb_s"]
+                rows.append(r)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"device": name, "device_type": device.type, "dtype": str(dtype).removeprefix("torch."),
             "date": time.strftime("%Y-%m-%d"), "triton": triton, "note": None if triton else CPU_NOTE,
@@ -251,6 +322,13 @@ def format_report(rep: dict) -> str:
     lines.append(f"{'kernel':24} {'impl':6} {'median us':>10} {'GB/s':>9} {'%copy':>6} {'TFLOP/s':>8} "
                  f"{'%mm':>6}  shape")
     for r in rep["rows"]:
+        if "error" in r:
+            lines.append(f"{r['kernel']:24} {r['impl']:6} {'failed':>10}  {r['shape']}: {r['error']}")
+            continue
+        if r["kernel"] == "decode tiling":
+            lines.append(f"{r['kernel']:24} {r['impl']:6} {r['median_us']:10.1f} {r['gb_s']:9.2f} "
+                         f"{r['pct_copy_bw']:6.1f} {'':>8} {'':>6}  {r['shape']}, {r['splits']} splits")
+            continue
         lines.append(f"{r['kernel']:24} {r['impl']:6} {r['median_us']:10.1f} {r['gb_s']:9.2f} "
                      f"{r['pct_copy_bw']:6.1f} {r['tflop_s']:8.3f} {r['pct_matmul']:6.1f}  {r['shape']}")
     return "\n".join(lines)

@@ -111,8 +111,9 @@ def run_both(shapes, G, bs, dtype, window, seed, device="cpu"):
     out = torch.full_like(q, float("nan"))
     nd, S = meta.num_decodes, len(shapes)
     if nd:
-        splits = ta.decode_splits(meta.seq_lens_list[:nd], bs, window)
-        ta.paged_decode(q[:nd], k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, window, out[:nd], splits)
+        # split as finely as allowed, so that the merge of partial softmaxes runs
+        split = ta.decode_split(ta.attended_blocks(meta.seq_lens_list[:nd], bs, window), nd, k_cache.shape[0], None)
+        ta.paged_decode(q[:nd], k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, window, out[:nd], split)
     if S > nd:
         ta.paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, nd,
                          S - nd, max(meta.query_lens_list[nd:]), scale, window, out)

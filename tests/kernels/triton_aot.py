@@ -57,7 +57,8 @@ def compile_one(cfg, sm):
     row = {"kernel": cfg.kernel.__name__, "constexprs": cfg.constexprs, "sm": sm}
     try:
         src = ASTSource(fn=cfg.kernel, signature=cfg.signature, constexprs=cfg.constexprs)
-        out = triton.compile(src, target=GPUTarget("cuda", sm, 32), options={"num_warps": cfg.num_warps})
+        out = triton.compile(src, target=GPUTarget("cuda", sm, 32),
+                             options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     except Exception as e:  # reported to the test, which decides
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         return row

@@ -22,10 +22,28 @@ from tests.kernels.attention_steps import check, make_step, max_rel_err, random_
 @pytest.mark.parametrize("G", [1, 3, 8])
 def test_decode_matches_reference(G, bs, window):
     # Contexts 1 to beyond 1000, multiples of the block size and not, one
-    # right at a split boundary (SPLIT_BLOCKS blocks) and one past it.
-    split = ta.SPLIT_BLOCKS * bs
+    # right at a split boundary (MIN_SPLIT_BLOCKS blocks) and one past it.
+    split = ta.MIN_SPLIT_BLOCKS * bs
     ctxs = [1031, split + 1, split, bs, bs + 1, 2, 1] + random_lengths(2, 3, 300)
     check([(c - 1, 1) for c in ctxs], G, bs, torch.float32, window)
+
+
+def test_every_tiling_of_the_decode_sweep_matches_reference():
+    # `bench kernels --decode-sweep` picks DECODE_TILING among these on a GPU:
+    # each must give the reference's output, with tiles smaller and larger
+    # than a split and contexts that end mid-tile (interpreter, fp32).
+    from batchlm.bench.kernels import KernelOptions, decode_sweep
+
+    assert (None, ta.DECODE_TILING) in ta.DECODE_SWEEP
+    assert len(set(ta.DECODE_SWEEP)) == len(ta.DECODE_SWEEP)
+    o = KernelOptions(device="cpu", decode_seqs=2, decode_context=random_lengths(1, 520, 700)[0],
+                      warmup=1, repeats=1)
+    seed = random.SystemRandom().randrange(1 << 30)
+    rows = decode_sweep(o, torch.device("cpu"), torch.float32, seed)
+    assert [(r["split_blocks"], r["tiling"]) for r in rows] == [(s, t._asdict()) for s, t in ta.DECODE_SWEEP]
+    assert {r["splits"] for r in rows} == {1, 2}  # under the interpreter auto = MIN_SPLIT_BLOCKS
+    for r in rows:
+        assert "error" not in r and r["rel_err"] < 1e-4, (seed, o.decode_context, r)
 
 
 @pytest.mark.parametrize("window", [None, 40])
@@ -93,8 +111,8 @@ def test_graph_capture_bound_gives_the_same_decode(window):
     seed = random.SystemRandom().randrange(1 << 30)
     q, k, v, k_cache, v_cache, meta = make_step([(300, 1), (7, 1), (0, 1)], 3, 16, torch.float32, seed)
     ref = TorchPagedAttention().forward(q, k, v, k_cache.clone(), v_cache.clone(), meta, 0.125, window)
-    meta.graph_max_blocks = 64  # 4 splits of SPLIT_BLOCKS, where these contexts need at most 2
+    meta.graph_max_blocks = 64  # 4 splits of MIN_SPLIT_BLOCKS, where these contexts need at most 2
     meta.seq_lens_list = [1] * 3  # placeholders, as under capture: must not be read
     out = ta.TritonPagedAttention("cpu").forward(q, k, v, k_cache, v_cache, meta, 0.125, window)
-    assert meta.derived[("triton_splits", window)] == -(-64 // ta.SPLIT_BLOCKS)
+    assert meta.derived[("triton_split", window)] == (4, ta.MIN_SPLIT_BLOCKS)
     assert max_rel_err(out, ref) < 1e-4, f"seed={seed}"
