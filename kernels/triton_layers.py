@@ -54,26 +54,30 @@ def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, eps, stride_x, stride_r
 
 
 @triton.jit
-def _rotary_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, out_ptr, stride_xt, stride_xh, stride_ot, stride_oh,
-                   D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr):
-    # grid (T, heads): [x1 | x2 | rest] -> [x1 c - x2 s | x2 c + x1 s | rest]
+def _rotary_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, out_ptr, num_heads, stride_xt, stride_xh, stride_ot,
+                   stride_oh, D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_H: tl.constexpr):
+    # grid (T, cdiv(heads, BLOCK_H)): BLOCK_H heads of one token share its cos/sin row.
+    # [x1 | x2 | rest] -> [x1 c - x2 s | x2 c + x1 s | rest]
     t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    hm = h < num_heads
     i = tl.arange(0, BLOCK_HALF)
     im = i < HALF
+    m = hm[:, None] & im[None, :]
     pos = tl.load(pos_ptr + t).to(tl.int64)
-    c = tl.load(cos_ptr + pos * HALF + i, mask=im, other=0.0).to(tl.float32)
-    s = tl.load(sin_ptr + pos * HALF + i, mask=im, other=0.0).to(tl.float32)
-    src = x_ptr + t * stride_xt + h * stride_xh
-    dst = out_ptr + t * stride_ot + h * stride_oh
-    x1 = tl.load(src + i, mask=im, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF + i, mask=im, other=0.0).to(tl.float32)
-    tl.store(dst + i, (x1 * c - x2 * s).to(out_ptr.dtype.element_ty), mask=im)
-    tl.store(dst + HALF + i, (x2 * c + x1 * s).to(out_ptr.dtype.element_ty), mask=im)
+    c = tl.load(cos_ptr + pos * HALF + i, mask=im, other=0.0).to(tl.float32)[None, :]
+    s = tl.load(sin_ptr + pos * HALF + i, mask=im, other=0.0).to(tl.float32)[None, :]
+    src = x_ptr + t * stride_xt + h[:, None] * stride_xh
+    dst = out_ptr + t * stride_ot + h[:, None] * stride_oh
+    x1 = tl.load(src + i[None, :], mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF + i[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(dst + i[None, :], (x1 * c - x2 * s).to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(dst + HALF + i[None, :], (x2 * c + x1 * s).to(out_ptr.dtype.element_ty), mask=m)
     if 2 * HALF < D:  # partial rotary: the rest is copied
         r = 2 * HALF + tl.arange(0, BLOCK_D)
-        rm = r < D
-        tl.store(dst + r, tl.load(src + r, mask=rm), mask=rm)
+        rm = hm[:, None] & (r < D)[None, :]
+        tl.store(dst + r[None, :], tl.load(src + r[None, :], mask=rm), mask=rm)
 
 
 @triton.jit
@@ -99,10 +103,16 @@ def add_rms_norm(x, residual, weight, eps: float, out):
                                **_norm_constexprs(dim, residual is not None))
 
 
+# Heads per rotary program: one program per (token, head) cost more than
+# torch's elementwise ops (65.5 vs 47.6 us at 4096 tokens x 12 heads on an H100).
+ROTARY_BLOCK_H = 4
+
+
 def rotary(x, positions, cos, sin, out):
     T, heads, D = x.shape
-    _rotary_kernel[(T, heads)](x, positions, cos, sin, out, x.stride(0), x.stride(1), out.stride(0),
-                               out.stride(1), **_rotary_constexprs(D, cos.shape[1]))
+    _rotary_kernel[(T, triton.cdiv(heads, ROTARY_BLOCK_H))](
+        x, positions, cos, sin, out, heads, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        **_rotary_constexprs(D, cos.shape[1]))
 
 
 def silu_and_mul(gate_up, out):
@@ -116,7 +126,8 @@ def _norm_constexprs(dim, has_residual):
 
 
 def _rotary_constexprs(D, half):
-    return dict(D=D, HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(D))
+    return dict(D=D, HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(D),
+                BLOCK_H=ROTARY_BLOCK_H)
 
 
 def _silu_constexprs(inter):
@@ -136,7 +147,7 @@ def launch_configs(hidden: int, head_dim: int, rot_dim: int, intermediate: int,
 
     out = [cfg(_add_rms_norm_kernel, [act, act, act, act, "fp32", "i32", "i32", "i32"],
                _norm_constexprs(hidden, has)) for has in (True, False)]
-    out.append(cfg(_rotary_kernel, [act, "*i64", act, act, act, "i32", "i32", "i32", "i32"],
+    out.append(cfg(_rotary_kernel, [act, "*i64", act, act, act, "i32", "i32", "i32", "i32", "i32"],
                    _rotary_constexprs(head_dim, rot_dim // 2)))
     out.append(cfg(_silu_and_mul_kernel, [act, act, "i32", "i32"], _silu_constexprs(intermediate)))
     return out
