@@ -61,11 +61,12 @@ class DecodeSplit(NamedTuple):
 
 
 # NOTE: chosen on an H100 by `python -m batchlm bench kernels --decode-sweep`
-# (2026-11-26; README, GPUs): at 256 sequences x 1024 context one program per
-# (sequence, kv head) with 128-token tiles, 8 warps and 3 stages was the
-# fastest of 50 tilings: 121 us vs 148 for 128/4/2 at 4 splits and 142 for
-# the one-block tiles the kernel had before (all timed with the host waiting
-# after each call, which added its launch latency).
+# (2026-11-26; README, GPUs). The decode kernels alone, copy 3001 GB/s:
+# 256 seqs x 1024 ctx 89.7 us = 75% of copy (the best of 48 tilings 87.1 us;
+# one-block tiles, as the kernel had before, 142 us, timed then with the
+# host waiting after each call); 32 x 2048 at 6 splits 36.6 us (best 33.3);
+# 8 x 4096 at 16 splits 22.5 us (best 22.0). 64-token tiles with 4 warps
+# were 2% faster at 256 seqs but 2x slower at 8 seqs x 4096.
 DECODE_TILING = DecodeTiling(tile=128, num_warps=8, num_stages=3)
 # The least a split may hold, and how many programs fill an SM: a step of
 # few sequences splits their contexts until PROGRAMS_PER_SM x SMs programs
@@ -115,11 +116,11 @@ def _online_softmax_step(acc, m_i, l_i, scores, val_ptrs, kv_mask, dot_dtype):
 
 @triton.jit(do_not_specialize=["window", "num_splits", "split_blocks"])
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr,
-                         part_acc_ptr, part_ml_ptr, scale, window, num_splits, split_blocks,
-                         stride_qt, stride_qh, stride_table, cache_head_stride,
+                         part_acc_ptr, part_ml_ptr, out_ptr, scale, window, num_splits, split_blocks,
+                         stride_qt, stride_qh, stride_ot, stride_oh, stride_table, cache_head_stride,
                          G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                         TILE: tl.constexpr, UPCAST_DOT: tl.constexpr):
+                         TILE: tl.constexpr, DIRECT: tl.constexpr, UPCAST_DOT: tl.constexpr):
     # grid (B, KVH, num_splits): the G query heads of kv head `kvh` of
     # sequence b, over cache blocks [first + s * split_blocks, first + (s + 1) * split_blocks),
     # TILE tokens (TILE / BLOCK_SIZE cache blocks) per loop iteration: each
@@ -159,11 +160,16 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_p
         scores = tl.dot(q, tl.trans(key), input_precision="ieee") * scale  # [BLOCK_G, TILE]
         scores = tl.where(valid[None, :], scores, float("-inf"))
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, scores, v_cache_ptr + rows, kv_mask, q.dtype)
-    # Partials: acc [B, H, S, D] (unnormalized), (m, l) [B, H, S, 2]; an empty split leaves (-inf, 0).
-    part = (b * H + heads).to(tl.int64) * num_splits + s
-    tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc, mask=gm[:, None] & dm[None, :])
-    tl.store(part_ml_ptr + part * 2, m_i, mask=gm)
-    tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=gm)
+    if DIRECT:  # one split: this program saw the whole context (l_i > 0), so no merge
+        o = acc / tl.where(gm, l_i, 1.0)[:, None]
+        tl.store(out_ptr + b * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=gm[:, None] & dm[None, :])
+    else:
+        # Partials: acc [B, H, S, D] (unnormalized), (m, l) [B, H, S, 2]; an empty split leaves (-inf, 0).
+        part = (b * H + heads).to(tl.int64) * num_splits + s
+        tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc, mask=gm[:, None] & dm[None, :])
+        tl.store(part_ml_ptr + part * 2, m_i, mask=gm)
+        tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=gm)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -292,16 +298,18 @@ def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, window, out
     KVH, _, bs, _ = k_cache.shape
     q = _unit_last(q)
     num_splits = split.num_splits
-    part_acc = torch.empty(B * H * num_splits * D, dtype=torch.float32, device=q.device)
-    part_ml = torch.empty(B * H * num_splits * 2, dtype=torch.float32, device=q.device)
+    direct = num_splits == 1  # the split kernel writes `out` itself, no partials to merge
+    n_part = 0 if direct else B * H * num_splits
+    part_acc = torch.empty(n_part * D, dtype=torch.float32, device=q.device)
+    part_ml = torch.empty(n_part * 2, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(B, KVH, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, part_acc, part_ml, scale, window or 0, num_splits,
-        split.split_blocks,
-        q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0),
-        **_decode_constexprs(H // KVH, D, bs, tiling, _INTERPRETED), num_warps=tiling.num_warps,
-        num_stages=tiling.num_stages)
-    _decode_reduce_kernel[(B, H)](part_acc, part_ml, out, num_splits, out.stride(0), out.stride(1),
-                                  D=D, BLOCK_D=_block_d(D), num_warps=1)
+        q, k_cache, v_cache, block_tables, seq_lens, part_acc, part_ml, out, scale, window or 0, num_splits,
+        split.split_blocks, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        k_cache.stride(0), **_decode_constexprs(H // KVH, D, bs, tiling, direct, _INTERPRETED),
+        num_warps=tiling.num_warps, num_stages=tiling.num_stages)
+    if not direct:
+        _decode_reduce_kernel[(B, H)](part_acc, part_ml, out, num_splits, out.stride(0), out.stride(1),
+                                      D=D, BLOCK_D=_block_d(D), num_warps=1)
 
 
 def paged_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, first_seq,
@@ -332,9 +340,9 @@ def _write_constexprs(KVH, D):
     return dict(KVH=KVH, D=D, BLOCK_H=triton.next_power_of_2(KVH), BLOCK_D=_block_d(D))
 
 
-def _decode_constexprs(G, D, block_size, tiling=DECODE_TILING, upcast_dot=False):
+def _decode_constexprs(G, D, block_size, tiling=DECODE_TILING, direct=False, upcast_dot=False):
     return dict(G=G, D=D, BLOCK_G=_block_g(G), BLOCK_D=_block_d(D), BLOCK_SIZE=block_size,
-                TILE=tiling.tile, UPCAST_DOT=upcast_dot)
+                TILE=tiling.tile, DIRECT=direct, UPCAST_DOT=upcast_dot)
 
 
 def _prefill_constexprs(G, D, block_size, upcast_dot=False):
@@ -369,14 +377,15 @@ def launch_configs(num_heads: int, num_kv_heads: int, head_dim: int, block_size:
         return types
 
     write = _write_constexprs(num_kv_heads, D)
-    dec, pre = _decode_constexprs(G, D, block_size), _prefill_constexprs(G, D, block_size)
+    pre = _prefill_constexprs(G, D, block_size)
     red = dict(D=D, BLOCK_D=_block_d(D))
     return [
         LaunchConfig(_write_kv_kernel, sig(_write_kv_kernel, [act, act, cache, cache, "*i64"] + ["i32"] * 5, write),
                      write, WRITE_NUM_WARPS),
-        LaunchConfig(_decode_split_kernel, sig(_decode_split_kernel, [act, cache, cache, "*i64", "*i64", "*fp32",
-                     "*fp32", "fp32", "i32", "i32", "i32"] + ["i32"] * 4, dec), dec, DECODE_TILING.num_warps,
-                     DECODE_TILING.num_stages),
+        *(LaunchConfig(_decode_split_kernel, sig(_decode_split_kernel, [act, cache, cache, "*i64", "*i64", "*fp32",
+                       "*fp32", act, "fp32"] + ["i32"] * 9, dec), dec, DECODE_TILING.num_warps,
+                       DECODE_TILING.num_stages)
+          for dec in (_decode_constexprs(G, D, block_size, direct=direct) for direct in (True, False))),
         LaunchConfig(_decode_reduce_kernel, sig(_decode_reduce_kernel, ["*fp32", "*fp32", act] + ["i32"] * 3, red),
                      red, 1),
         LaunchConfig(_prefill_kernel, sig(_prefill_kernel, [act, cache, cache, act, "*i64", "*i64", "*i64", "fp32",
