@@ -101,6 +101,9 @@ def _add_throughput(sub) -> None:
     p.add_argument("--hf-max-prompts", type=int, default=None, metavar="N",
                    help="time transformers on the first N prompts only (whole batches); "
                         "its rates are then marked EXTRAPOLATED")
+    p.add_argument("--step-phases", action="store_true",
+                   help="after the timed runs, one more with each phase of the engine's step timed "
+                        "(schedule, model run, logits, bookkeeping, sampling): where a step's time goes")
     p.add_argument("--skip-batchlm", action="store_true",
                    help="time only the baseline (--model must then be an HF-format dir)")
     p.set_defaults(func=_run_throughput)

@@ -202,6 +202,20 @@ def _batchlm_row(llm, name, work, repeats, flops_of, gflops):
                flops_of(work.num_prompt_tokens, n_out) / wall / 1e9 / gflops), tokens
 
 
+def _step_phases(llm, work) -> str:
+    """One more run of the workload with each phase of the engine's step timed (step_phases.py)."""
+    from batchlm.bench.step_phases import StepPhases
+
+    phases = StepPhases(llm.engine)
+    try:
+        wall, outs = _time_batchlm(llm, work, 1)
+    finally:
+        phases.remove()
+    n = sum(len(o.outputs[0].token_ids) for o in outs if o.outputs)
+    return (f"one more run with each phase of the step timed: {wall:.2f} s, {n} output tokens\n"
+            + phases.report())
+
+
 def _speculative_row(args, work, flops_of, gflops, rows, batchlm_tokens) -> dict:
     """Time batchlm with args.speculative_config (after the plain run, same
     workload); append its row and return the ratio, agreement and acceptance."""
@@ -252,6 +266,8 @@ def run(args) -> int:
     if ran_batchlm:
         row, batchlm_tokens = _batchlm_row(llm, "batchlm", work, args.repeats, flops_of, gflops)
         rows.append(row)
+        if args.step_phases:
+            summary["step_phases"] = _step_phases(llm, work)
         if args.json_schema is not None:  # same engine, same prompts
             from batchlm.bench.structured import structured_row
 
@@ -293,6 +309,8 @@ def run(args) -> int:
           "(roofline = fraction of the matmul rate in the dtype each engine computes in)")
     print(f"repeats:  {args.repeats} (median wall time)\n")
     print(format_table(rows))
+    if "step_phases" in summary:
+        print("\n" + summary["step_phases"])
     sp = summary.get("speculative")
     if sp:
         print(f"\nbatchlm speculative / batchlm output tokens/s (same process, same workload): "
