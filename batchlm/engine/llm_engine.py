@@ -214,10 +214,10 @@ class LLMEngine:
         plan = LogitsPlan.build(run.layout)
         logits = self.runner.logits(run.hidden, plan.hidden_rows) if plan.hidden_rows else None
         self.scheduler.update_after_step(sched)
-        touched = set()
+        touched = set()  # requests with a sequence that finished in this step
         if plan.samples:
             self._sample(plan.samples, logits[:plan.num_sample_rows])
-            touched.update(s.seq.request_id for s in plan.samples)
+            touched.update(s.seq.request_id for s in plan.samples if s.seq.is_finished)
         for pr in plan.prompts:
             self._prompt_scores(pr.seq, pr.lo, pr.hi, logits[pr.first_row:pr.first_row + pr.num_rows])
         for entry in run.layout:
