@@ -81,8 +81,17 @@ class Scheduler:
 
     # ---- the step ----------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        """One step's work: the running sequences first (a sequence short of
+        blocks preempts the newest), then, unless that preempted anyone,
+        waiting sequences admitted while tokens, seats and blocks last."""
         out = SchedulerOutput()
-        budget = self.max_num_batched_tokens
+        budget = self._schedule_running(out, self.max_num_batched_tokens)
+        if not out.preempted:
+            self._admit_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        """Schedule the running sequences' next tokens into `out`; returns the budget left."""
         running = list(self.running)
         for i, seq in enumerate(running):
             if budget <= 0:
@@ -106,8 +115,13 @@ class Scheduler:
                 continue
             out.scheduled.append((seq, n))
             budget -= n
-        if out.preempted:
-            return out
+        return budget
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        """Move waiting sequences to running, in order, with their first chunk
+        scheduled into `out` (after any cached prefix), while `budget`, seats
+        and free blocks last. A sequence whose twin is still computing the
+        shared prompt waits behind it, keeping its place."""
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -134,20 +148,24 @@ class Scheduler:
                         f"but the cache has only {self.bm.num_free_blocks} free of {self.bm.num_blocks}")
                 break
             self.waiting.popleft()
-            seq.spec_token_ids = []  # a sequence speculates only once it decodes
-            if cached:
-                seq.num_computed_tokens = computed
-                seq.num_cached_tokens = max(seq.num_cached_tokens, computed)
-                self.bm.query_tokens += seq.num_prompt_tokens
-                self.bm.hit_tokens += computed
-            elif seq.num_computed_tokens == 0:
-                self.bm.query_tokens += seq.num_prompt_tokens
-            seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
+            self._start(seq, computed if cached else None)
             out.scheduled.append((seq, n))
             budget -= n
         self.waiting.extendleft(reversed(skipped))
-        return out
+
+    def _start(self, seq: Sequence, cached_tokens: int | None) -> None:
+        """`seq` runs from now on; `cached_tokens`: how many of its tokens the
+        prefix cache served (None: no hit), counted in the hit rate."""
+        seq.spec_token_ids = []  # a sequence speculates only once it decodes
+        if cached_tokens is not None:
+            seq.num_computed_tokens = cached_tokens
+            seq.num_cached_tokens = max(seq.num_cached_tokens, cached_tokens)
+            self.bm.query_tokens += seq.num_prompt_tokens
+            self.bm.hit_tokens += cached_tokens
+        elif seq.num_computed_tokens == 0:
+            self.bm.query_tokens += seq.num_prompt_tokens
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
 
     def _fit_speculation(self, seq: Sequence, need: int, room: int) -> int:
         """How many of `seq`'s speculative tokens to verify this step, on top of
