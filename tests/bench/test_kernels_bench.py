@@ -50,3 +50,8 @@ def test_bench_kernels_arguments():
     proc = subprocess.run([sys.executable, "-m", "batchlm", "bench", "kernels", "--heads", "4", "--kv-heads", "3",
                            *TINY], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "heads (4) must be a multiple of kv_heads (3)" in proc.stderr
+    # the decode sweep times Triton kernels: refused on the CPU, before any measuring
+    proc = subprocess.run([sys.executable, "-m", "batchlm", "bench", "kernels", "--device", "cpu", "--decode-sweep",
+                           *TINY], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--decode-sweep times the Triton decode kernel: it needs CUDA" in proc.stderr
+    assert "ceilings" not in proc.stdout
