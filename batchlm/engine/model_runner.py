@@ -154,5 +154,13 @@ class ModelRunner:
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """[len(rows), vocab] float32 logits of the chosen rows of `hidden`."""
+        n = hidden.shape[0]
+        if len(rows) == n and rows[0] == 0 and rows[-1] == n - 1 and rows == list(range(n)):
+            # NOTE: every row, in order (a step of plain decodes): no index
+            # tensor to copy over. On CUDA that copy (from a Python list, so
+            # pageable) made the host wait for the forward before it could
+            # queue the LM head; without it the host goes on to the sampling
+            # bookkeeping while the device runs (not yet timed on a GPU).
+            return self.model.compute_logits(hidden).float()
         idx = torch.tensor(rows, dtype=torch.long, device=hidden.device)
         return self.model.compute_logits(hidden.index_select(0, idx)).float()
