@@ -155,7 +155,7 @@ class ModelRunner:
     def logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """[len(rows), vocab] float32 logits of the chosen rows of `hidden`."""
         n = hidden.shape[0]
-        if len(rows) == n and rows[0] == 0 and rows[-1] == n - 1 and rows == list(range(n)):
+        if n and len(rows) == n and rows[0] == 0 and rows[-1] == n - 1 and rows == list(range(n)):
             # NOTE: every row, in order (a step of plain decodes): no index
             # tensor to copy over. On CUDA that copy (from a Python list, so
             # pageable) made the host wait for the forward before it could
