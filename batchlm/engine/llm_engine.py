@@ -278,49 +278,70 @@ class LLMEngine:
         Constrained sequences (structured outputs) first get their grammar's
         mask on their row, before the sampler (so penalties, temperature and
         filters, and the logprobs, see the masked logits, as in vLLM)."""
-        batch, constrained, row = [], [], 0
+        self._mask_constrained(slices, logits)
+        out = self.sampler(logits, self._sampling_rows(slices))
+        row = 0
         for sl in slices:
-            if sl.seq.grammar is not None:  # one row: constrained sequences don't speculate
+            self._accept(sl, out, row)
+            row += sl.num_rows
+
+    def _mask_constrained(self, slices: list[SampleRows], logits: torch.Tensor) -> None:
+        """The grammar's mask on each constrained sequence's row (one row:
+        constrained sequences do not speculate), in place."""
+        constrained, row = [], 0
+        for sl in slices:
+            if sl.seq.grammar is not None:
                 sl.seq.grammar.sync(sl.seq.output_token_ids)
                 constrained.append((row, sl.seq.grammar))
             row += sl.num_rows
         self.structured.apply_masks_(logits, constrained)
+
+    def _sampling_rows(self, slices: list[SampleRows]) -> list[SamplingRow]:
+        """One SamplingRow per logits row: row j of a speculating sequence sees
+        its proposals before j as generated and carries proposal j to verify."""
+        batch = []
+        eos = self.eos_token_ids
         for sl in slices:
             s = sl.seq
             out_ids = s.output_token_ids
-            for j in range(sl.num_rows):
-                draft = sl.draft_token_ids[j] if j < len(sl.draft_token_ids) else None
-                hist = out_ids + list(sl.draft_token_ids[:j]) if j else out_ids
-                batch.append(SamplingRow(s.params, s.prompt_token_ids, hist, s.generator,
-                                         self.eos_token_ids, draft))
-        out = self.sampler(logits, batch)
-        row = 0
-        for sl in slices:
-            seq, drafts = sl.seq, sl.draft_token_ids
-            stop, accepted = None, 0
-            for j in range(sl.num_rows):
-                token = out.token_ids[row + j]
-                seq.append_token(token)
-                lp = out.logprobs[row + j]
-                if lp is not None:
-                    seq.logprobs.append(lp)
-                    seq.cumulative_logprob += lp[token]
-                stop = self.output.check_stop(seq, token)
-                if seq.grammar is not None:
-                    stop = seq.grammar.advance(token, stop)
-                if j == len(drafts) or token != drafts[j]:
-                    break
-                accepted += 1
-                if stop is not None:
-                    break
-            row += sl.num_rows
-            if drafts:
-                self.spec_stats.record(len(drafts), accepted)
-                seq.spec_k = next_length(seq.spec_k or self.spec_config.num_speculative_tokens, len(drafts),
-                                         accepted, self.spec_config.num_speculative_tokens)
-                self.scheduler.accept_speculation(seq)  # before finish: publishes the accepted blocks
+            drafts = sl.draft_token_ids
+            if not drafts:
+                batch.append(SamplingRow(s.params, s.prompt_token_ids, out_ids, s.generator, eos, None))
+                continue
+            for j in range(len(drafts) + 1):
+                hist = out_ids + list(drafts[:j]) if j else out_ids
+                batch.append(SamplingRow(s.params, s.prompt_token_ids, hist, s.generator, eos,
+                                         drafts[j] if j < len(drafts) else None))
+        return batch
+
+    def _accept(self, sl: SampleRows, out, row: int) -> None:
+        """Append sequence sl.seq's chosen tokens (rows row, row + 1, ...) one
+        at a time, each checked for a stop, until one is not its row's
+        proposal; account the speculation; finish the sequence on a stop."""
+        seq, drafts = sl.seq, sl.draft_token_ids
+        stop, accepted = None, 0
+        for j in range(len(drafts) + 1):
+            token = out.token_ids[row + j]
+            seq.append_token(token)
+            lp = out.logprobs[row + j]
+            if lp is not None:
+                seq.logprobs.append(lp)
+                seq.cumulative_logprob += lp[token]
+            stop = self.output.check_stop(seq, token)
+            if seq.grammar is not None:
+                stop = seq.grammar.advance(token, stop)
+            if j == len(drafts) or token != drafts[j]:
+                break
+            accepted += 1
             if stop is not None:
-                self.scheduler.finish(seq, *stop)
+                break
+        if drafts:
+            self.spec_stats.record(len(drafts), accepted)
+            seq.spec_k = next_length(seq.spec_k or self.spec_config.num_speculative_tokens, len(drafts),
+                                     accepted, self.spec_config.num_speculative_tokens)
+            self.scheduler.accept_speculation(seq)  # before finish: publishes the accepted blocks
+        if stop is not None:
+            self.scheduler.finish(seq, *stop)
 
     def _prompt_scores(self, seq: Sequence, lo: int, hi: int, logits: torch.Tensor) -> None:
         targets = seq.token_ids[lo + 1:hi + 1]
