@@ -62,9 +62,9 @@ class DecodeSplit(NamedTuple):
 
 # NOTE: chosen on an H100 by `python -m batchlm bench kernels --decode-sweep`
 # (2026-11-26; README, GPUs). The decode kernels alone, copy 3001 GB/s:
-# 256 seqs x 1024 ctx 89.7 us = 75% of copy (the best of 48 tilings 87.1 us;
-# one-block tiles, as the kernel had before, 142 us, timed then with the
-# host waiting after each call); 32 x 2048 at 6 splits 36.6 us (best 33.3);
+# 256 seqs x 1024 ctx 89.7 us = 75% of copy (the best of the sweep's 48
+# tiling and split choices 87.1 us; one-block tiles, as the kernel had
+# before, 142 us, timed then with the host waiting after each call); 32 x 2048 at 6 splits 36.6 us (best 33.3);
 # 8 x 4096 at 16 splits 22.5 us (best 22.0). 64-token tiles with 4 warps
 # were 2% faster at 256 seqs but 2x slower at 8 seqs x 4096.
 DECODE_TILING = DecodeTiling(tile=128, num_warps=8, num_stages=3)
@@ -329,10 +329,6 @@ def paged_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, 
         **_prefill_constexprs(H // KVH, D, bs, _INTERPRETED), num_warps=PREFILL_NUM_WARPS)
 
 
-# NOTE: Triton 3.9's interpreter computes tl.dot on bfloat16/float16 tiles
-# wrongly (garbage of ~1e9), so under the interpreter the attention kernels
-# take their dot products in float32 (UPCAST_DOT); on a GPU they run in the
-# activation dtype with float32 accumulation.
 # One program per token for all its kv heads: one per (token, head), with
 # 64 values each, was slower than torch's index_copy_ (66.9 vs 47.6 us at
 # 4096 tokens x 3 kv heads on an H100).
@@ -343,6 +339,10 @@ def _write_constexprs(KVH, D):
     return dict(KVH=KVH, D=D, BLOCK_H=triton.next_power_of_2(KVH), BLOCK_D=_block_d(D))
 
 
+# NOTE: Triton 3.9's interpreter computes tl.dot on bfloat16/float16 tiles
+# wrongly (garbage of ~1e9), so under the interpreter the attention kernels
+# take their dot products in float32 (UPCAST_DOT); on a GPU they run in the
+# activation dtype with float32 accumulation.
 def _decode_constexprs(G, D, block_size, tiling=DECODE_TILING, direct=False, upcast_dot=False):
     return dict(G=G, D=D, BLOCK_G=_block_g(G), BLOCK_D=_block_d(D), BLOCK_SIZE=block_size,
                 TILE=tiling.tile, DIRECT=direct, UPCAST_DOT=upcast_dot)

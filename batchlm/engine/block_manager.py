@@ -137,11 +137,11 @@ class BlockManager:
         # after the last hashed one: a decode step checks one or two blocks,
         # not all of them (256 sequences of 20 blocks: 0.35 ms of host time per
         # step on a GPU before).
-        first = num_computed // bs
+        full = first = num_computed // bs
         while first and blocks[table[first - 1]].hash is None:
             first -= 1
         parent = blocks[table[first - 1]].hash if first else None
-        for i in range(first, num_computed // bs):
+        for i in range(first, full):
             blk = blocks[table[i]]
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
             h = self._hash(parent, tokens)

@@ -305,9 +305,6 @@ class LLMEngine:
             s = sl.seq
             out_ids = s.output_token_ids
             drafts = sl.draft_token_ids
-            if not drafts:
-                batch.append(SamplingRow(s.params, s.prompt_token_ids, out_ids, s.generator, eos, None))
-                continue
             for j in range(len(drafts) + 1):
                 hist = out_ids + list(drafts[:j]) if j else out_ids
                 batch.append(SamplingRow(s.params, s.prompt_token_ids, hist, s.generator, eos,
