@@ -20,7 +20,9 @@ Packed forms (built from a batchlm.quantization GroupQuant by `pack_*`):
 - Fp8Packed (CUDA): `codes` float8_e4m3fn [N, K], `scale` float32 [N].
 
 Kernels, chosen per shape and batch size by batchlm.quantization (measured):
-- int8: `int8_pack_mm` (aten._weight_int8pack_mm, bf16 activations),
+- int8: `int8_native_mm` (kernels/native/gemv.c through kernels/cpu_native.py:
+  a prefetching int8 GEMV for a few rows, float32 accumulate; only where the
+  library builds, see `available`), `int8_pack_mm` (aten._weight_int8pack_mm, bf16 activations),
   `int8_dequant_mm` (dequantize to the compute dtype, then F.linear, then the
   scales on the [M, N] output), `int8_dequant_scaled_mm` (the scales folded
   into the dequantized [N, K] weight: fewer products once M > K, e.g. prefill),
@@ -32,6 +34,7 @@ Kernels, chosen per shape and batch size by batchlm.quantization (measured):
 - fp8: `fp8_scaled_mm` (torch._scaled_mm, per-row activation scales).
 
 What it does not know: modules, configs, files. No state between calls.
+`available(fn, device)` says whether a kernel runs on a device here.
 """
 from __future__ import annotations
 
@@ -39,6 +42,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from batchlm.kernels import cpu_native
 
 INT4_TILE_N = 64  # rows per tile of torch's CPU int4 layout
 
@@ -72,6 +77,11 @@ def pack_int8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> I
 
 def dequantize_int8(w: Int8Packed) -> torch.Tensor:
     return w.codes.float() * w.scale.unsqueeze(1)  # [N, K] float32
+
+
+def int8_native_mm(x: torch.Tensor, w: Int8Packed) -> torch.Tensor:
+    y = cpu_native.library().int8_mm(x, w.codes, w.scale)  # [M, N], float32 or bfloat16
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def int8_pack_mm(x: torch.Tensor, w: Int8Packed) -> torch.Tensor:
@@ -168,6 +178,16 @@ def int4_rows(w: Int4Packed, rows: torch.Tensor, dtype: torch.dtype) -> torch.Te
     g = w.group_size
     q = codes.to(dtype).view(len(rows), k // g, g) - 8
     return (q * sz[..., 0].t().unsqueeze(-1) + sz[..., 1].t().unsqueeze(-1)).view(len(rows), k)
+
+
+# ---- where each runs ----------------------------------------------------------
+NATIVE = ("int8_native_mm",)  # need kernels/cpu_native's library and CPU tensors
+
+
+def available(fn, device: torch.device) -> bool:
+    if fn.__name__ in NATIVE:
+        return device.type == "cpu" and cpu_native.library() is not None
+    return True
 
 
 # ---- fp8 (CUDA) -----------------------------------------------------------------

@@ -31,15 +31,15 @@ from pathlib import Path
 
 import torch
 
+from batchlm.kernels import cpu_native
+
 log = logging.getLogger(__name__)
 
 CACHE_LAYOUT_VERSION = "1"
 
 
 def cache_root() -> Path:
-    env = os.environ.get("BATCHLM_CACHE_DIR")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "batchlm"
-    return base / "models"
+    return cpu_native.cache_root() / "models"
 
 
 def check_gguf(path: Path) -> None:

@@ -5,10 +5,13 @@ Contract
 `plan_kernels(layers, dtype, device, cache_file=None) -> dict[str, list[(max_rows, kernel name)]]`
 sets `layer.kernels` on every QuantLinear in `layers` and returns the plan by
 shape. Layers with the same method, shape, group and dtype share one plan.
-Where a method has more than one kernel (int8: the int8pack kernel or
+Where a method has more than one kernel (int8: batchlm's native GEMV where
+it builds (kernels/cpu_native.py), the int8pack kernel or
 dequantize-then-matmul, with the scales on the output or on the weight;
 int4: the int4pack kernel or dequantize-then-matmul), each is timed at 1,
-4, 16, 64, 256 and 1024 rows on the layer's own weight (one warm-up each,
+4, 16, 64, 256 and 1024 rows on the layer's own weight (at up to 16 rows on
+copies of it spanning 64 MB, so that it is read cold, as in a decode step;
+one warm-up each,
 then ROUNDS rounds that time every candidate once, in turn; the best time
 of each) and the fastest is kept for batches up to that size;
 larger batches use the choice at 1024 rows. Measured on a 2-core Xeon with
@@ -33,6 +36,7 @@ model, torch version and thread count: one machine type keeps one plan.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -43,12 +47,13 @@ from pathlib import Path
 
 import torch
 
+from batchlm.kernels import cpu_native
 from batchlm.kernels import quant_matmul as qm
 
 # NOTE: the last kernel of each method works at every batch size; a layer uses
 # it until a plan is set.
 CANDIDATES = {
-    "int8": (qm.int8_pack_mm, qm.int8_dequant_scaled_mm, qm.int8_dequant_mm),
+    "int8": (qm.int8_native_mm, qm.int8_pack_mm, qm.int8_dequant_scaled_mm, qm.int8_dequant_mm),
     "int8_dynamic": (qm.int8_dynamic_mm,),
     "int4": (qm.int4_pack_mm, qm.int4_dequant_mm),
     "fp8": (qm.fp8_scaled_mm,),
@@ -56,14 +61,20 @@ CANDIDATES = {
 BY_NAME = {fn.__name__: fn for fns in CANDIDATES.values() for fn in fns}
 ROWS = (1, 4, 16, 64, 256, 1024)  # 1024: prefill chunks (the CPU's default step budget is 2048 tokens)
 ROUNDS = 5
-PLAN_FORMAT = 2  # in the cache key: a new way of measuring measures again
+PLAN_FORMAT = 3  # in the cache key: a new way of measuring measures again
+# NOTE: cold weights. A decode step reads every weight once, ~135 MB of them (int8, default model)
+# between two reads of the same one, so each matmul reads its weight from memory. Timed hot (one
+# weight again and again, 0.3-3 MB that stays in cache) int8pack looked as fast as the native
+# kernel at 1-16 rows, so the plan kept it; read cold (2-core Xeon, 2026-11-26, bf16, one row)
+# 3072x576 takes 77 us native vs 143 int8pack, the LM head 1351 vs 2068.
+COLD_ROWS = 16
+COLD_BYTES = 64 << 20
+MAX_COPIES = 256
 UNBOUNDED = 1 << 62
 
 
 def default_cache_file() -> Path:
-    env = os.environ.get("BATCHLM_CACHE_DIR")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "batchlm"
-    return base / "kernel_plans.json"
+    return cpu_native.cache_root() / "kernel_plans.json"
 
 
 def machine_key(device: torch.device) -> str:
@@ -79,34 +90,50 @@ def machine_key(device: torch.device) -> str:
         except OSError:
             pass
     # the way plans are measured (format, rows, candidates): a change measures them again
-    how = f"plan {PLAN_FORMAT} rows {ROWS} " + ",".join(fn.__name__ for fns in CANDIDATES.values() for fn in fns)
+    how = (f"plan {PLAN_FORMAT} rows {ROWS} native {cpu_native.library() is not None} "
+           + ",".join(fn.__name__ for fns in CANDIDATES.values() for fn in fns))
     raw = f"{name}|torch {torch.__version__}|threads {torch.get_num_threads()}|{how}"
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
-def fastest(fns, x, w, rounds: int = ROUNDS):
-    """The candidate with the best time on (x, w): one warm-up call each, then `rounds` rounds that
-    time every candidate once, in turn."""
+def fastest(fns, x, ws, rounds: int = ROUNDS):
+    """The candidate with the best time on x against the weights `ws` (copies of one weight): one
+    warm-up call each, then `rounds` rounds that time every candidate once, in turn, over all of
+    `ws` (the time of a round is the mean over the copies)."""
     for fn in fns:
-        fn(x, w)
+        fn(x, ws[0])
     best = [float("inf")] * len(fns)
     for _ in range(rounds):
         for i, fn in enumerate(fns):
             t0 = time.perf_counter()
-            fn(x, w)
-            best[i] = min(best[i], time.perf_counter() - t0)
+            for w in ws:
+                fn(x, w)
+            best[i] = min(best[i], (time.perf_counter() - t0) / len(ws))
     return fns[best.index(min(best))]
 
 
+def cold_copies(packed, rows: int) -> list:
+    """The weight as a decode step reads it: at up to COLD_ROWS rows, enough copies of `packed` to
+    span COLD_BYTES, so each call reads its weight from memory rather than from cache; above
+    that, the weight itself (there the matmul's arithmetic decides)."""
+    if rows > COLD_ROWS:
+        return [packed]
+    fields = {f.name: getattr(packed, f.name) for f in dataclasses.fields(packed)}
+    size = sum(v.numel() * v.element_size() for v in fields.values() if isinstance(v, torch.Tensor))
+    n = max(1, min(MAX_COPIES, -(-COLD_BYTES // max(size, 1))))
+    return [packed] + [type(packed)(**{k: v.clone() if isinstance(v, torch.Tensor) else v
+                                       for k, v in fields.items()}) for _ in range(n - 1)]
+
+
 def _measure(layer, dtype: torch.dtype, device: torch.device) -> list[tuple[int, str]]:
-    fns = CANDIDATES[layer.qcfg.method]
+    fns = tuple(fn for fn in CANDIDATES[layer.qcfg.method] if qm.available(fn, device))
     if len(fns) == 1:
         return [(UNBOUNDED, fns[0].__name__)]
     best = []
     with torch.inference_mode():
         for rows in ROWS:
             x = torch.randn(rows, layer.in_features, dtype=dtype, device=device)
-            best.append(fastest(fns, x, layer.packed).__name__)
+            best.append(fastest(fns, x, cold_copies(layer.packed, rows)).__name__)
     plan: list[tuple[int, str]] = []
     for rows, name in zip(ROWS, best):
         if plan and plan[-1][1] == name:
@@ -132,7 +159,8 @@ def plan_kernels(layers, dtype: torch.dtype, device: torch.device, cache_file: P
                f"g{layer.group_size}:{str(dtype).removeprefix('torch.')}")
         if key not in plans:
             plan = known.get(key)
-            if not plan or any(name not in BY_NAME for _, name in plan):
+            if not plan or any(name not in BY_NAME or not qm.available(BY_NAME[name], device)
+                               for _, name in plan):
                 plan = _measure(layer, dtype, device)
                 known[key] = plan
                 changed = True

@@ -63,8 +63,11 @@ def test_int8_kernels_match_reference(dtype, m, n, k):
     gq = quantize_int8(w)
     p = qm.pack_int8(gq.codes, gq.scale[:, 0], dtype)
     ref = F.linear(x.float(), qm.dequantize_int8(p))
-    for kernel, tol in ((qm.int8_dequant_mm, TOL[dtype]), (qm.int8_dequant_scaled_mm, TOL[dtype]),
-                        (qm.int8_pack_mm, TOL[torch.bfloat16])):
+    kernels = [(qm.int8_dequant_mm, TOL[dtype]), (qm.int8_dequant_scaled_mm, TOL[dtype]),
+               (qm.int8_pack_mm, TOL[torch.bfloat16])]
+    if qm.available(qm.int8_native_mm, torch.device("cpu")):  # tests/kernels/test_cpu_native.py says why not
+        kernels.append((qm.int8_native_mm, TOL[dtype]))
+    for kernel, tol in kernels:
         out = kernel(x, p)
         assert out.dtype == dtype and out.shape == (m, n)
         assert _rel(out, ref) < tol, kernel.__name__

@@ -167,9 +167,9 @@ def test_plan_keeps_the_faster_kernel_when_some_of_its_runs_are_disturbed():
     def slow(x, w):
         time.sleep(0.006)
 
-    assert plan.fastest((slow, fast), None, None) is fast
+    assert plan.fastest((slow, fast), None, [None]) is fast
     assert calls["fast"] == plan.ROUNDS + 1  # one warm-up, then once per round
-    assert plan.fastest((fast, slow), None, None, rounds=1) is slow  # one round sees only the burst
+    assert plan.fastest((fast, slow), None, [None], rounds=1) is slow  # one round sees only the burst
 
 
 def test_plan_cache_key_names_the_way_plans_are_measured(monkeypatch):
@@ -182,3 +182,23 @@ def test_plan_cache_key_names_the_way_plans_are_measured(monkeypatch):
     assert plan.machine_key(torch.device("cpu")) == key
     monkeypatch.setitem(plan.CANDIDATES, "int8", plan.CANDIDATES["int8"][1:])
     assert plan.machine_key(torch.device("cpu")) != key  # and so are plans with other candidates
+
+
+def test_cold_copies_span_the_cold_bytes(monkeypatch):
+    """At decode sizes the planner times each kernel over copies of the weight (distinct memory,
+    same values), so that each call reads its weight from memory as in a decode step."""
+    from batchlm.kernels import quant_matmul as qm
+    from batchlm.quantization import plan
+    from batchlm.quantization.groupquant import quantize_int8
+
+    gq = quantize_int8(torch.randn(64, 128))
+    p = qm.pack_int8(gq.codes, gq.scale[:, 0], torch.float32)
+    size = 64 * 128 + 64 * 4 * 2  # codes, scale, scale_c
+    monkeypatch.setattr(plan, "COLD_BYTES", 10 * size - 1)
+    copies = plan.cold_copies(p, rows=1)
+    assert len(copies) == 10 and copies[0] is p
+    assert len({c.codes.data_ptr() for c in copies}) == 10
+    assert all(torch.equal(c.codes, p.codes) and torch.equal(c.scale, p.scale) for c in copies)
+    assert plan.cold_copies(p, rows=plan.COLD_ROWS + 1) == [p]  # compute-bound sizes: the weight itself
+    monkeypatch.setattr(plan, "COLD_BYTES", 1 << 40)
+    assert len(plan.cold_copies(p, rows=1)) == plan.MAX_COPIES

@@ -1,0 +1,142 @@
+"""Native CPU kernels (kernels/native/*.c), built with the machine's C compiler at first use.
+
+Contract
+--------
+`library() -> NativeLib | None`: the kernels of kernels/native/gemv.c, compiled
+for this CPU (`-march=native`, OpenMP) into `<cache>/native/<key>.so` and
+loaded with ctypes; None where they cannot be built (no compiler, a failed
+build, BATCHLM_NATIVE_KERNELS=0), with the reason in `unavailable_reason()`
+and logged once. The key hashes the source, the flags, the compiler's
+version and this CPU's model and feature flags, so a cache shared between
+machines (a home directory on NFS) never hands a CPU code built for another.
+The build writes a temporary file and renames it, so processes building at
+once (Ray actors) each load a whole library.
+
+`NativeLib.int8_mm(x [M, K], codes int8 [N, K], scale float32 [N]) -> [M, N]`
+computes `x @ (codes * scale[:, None]).T` in float32, x and the result in
+float32 or bfloat16; the kernel's own contract is in
+gemv.c. Callers (kernels/quant_matmul.py) own dtypes and packing; this
+module knows nothing of models.
+
+NOTE: the library links the OpenMP runtime by its soname (libgomp.so.1), the
+one torch's CPU wheel already loaded into the process, so both share one
+thread pool; the thread count is torch's, passed on every call.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native") / "gemv.c"
+_DTYPES = (torch.float32, torch.bfloat16)
+CFLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+
+
+def cache_root() -> Path:
+    """batchlm's cache folder: $BATCHLM_CACHE_DIR or ~/.cache/batchlm."""
+    env = os.environ.get("BATCHLM_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "batchlm"
+
+
+class NativeLib:
+    def __init__(self, path: Path):
+        self.path = path
+        lib = ctypes.CDLL(str(path))
+        fn = lib.bl_int8_mm
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        fn.restype = None
+        self._int8_mm = fn
+
+    def int8_mm(self, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M, K] float32 or bfloat16 -> [M, N] in x's dtype, or into `out` (float32 or bfloat16).
+        codes int8 [N, K] and scale float32 [N], both contiguous (as quant_matmul.pack_int8 makes
+        them; not checked here: this is the decode step's hot path, ~1.5 us of ctypes a call)."""
+        m, k = x.shape
+        if x.dtype not in _DTYPES or not x.is_contiguous():
+            x = x.float().contiguous()
+        if out is None:
+            out = torch.empty(m, codes.shape[0], dtype=x.dtype)
+        elif out.shape != (m, codes.shape[0]) or out.dtype not in _DTYPES or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous float32 or bfloat16 [{m}, {codes.shape[0]}]")
+        self._int8_mm(x.data_ptr(), x.dtype is torch.bfloat16, codes.data_ptr(), scale.data_ptr(),
+                      out.data_ptr(), out.dtype is torch.bfloat16, m, codes.shape[0], k,
+                      torch.get_num_threads())
+        return out
+
+
+def _cpu_identity() -> str:
+    model, flags = platform.machine(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == platform.machine():
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"{model}|{flags}"
+
+
+def build(out_dir: Path, march: str = "native", compiler: str | None = None) -> Path:
+    """Compile gemv.c for `march` into out_dir (cached by key); returns the .so path.
+    Raises RuntimeError with the compiler's message when the build fails."""
+    cc = compiler or os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if not cc:
+        raise RuntimeError("no C compiler (gcc or cc) on PATH")
+    flags = (*CFLAGS, f"-march={march}")
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"C compiler {cc} does not run: {e}") from e
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"|".join([source, " ".join(flags).encode(), version.encode(),
+                                    _cpu_identity().encode()])).hexdigest()[:16]
+    path = out_dir / f"gemv-{key}.so"
+    if path.exists():
+        return path
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".gemv.", suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+                              timeout=300)
+        if proc.returncode:
+            raise RuntimeError(f"{cc} failed on {SOURCE.name}: {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> tuple[NativeLib | None, str]:
+    if os.environ.get("BATCHLM_NATIVE_KERNELS", "1") == "0":
+        return None, "turned off by BATCHLM_NATIVE_KERNELS=0"
+    try:
+        return NativeLib(build(cache_root() / "native")), ""
+    except (RuntimeError, OSError) as e:
+        log.warning("batchlm's native CPU kernels are not available (%s); the torch kernels run instead", e)
+        return None, str(e)
+
+
+def library() -> NativeLib | None:
+    return _load()[0]
+
+
+def unavailable_reason() -> str:
+    return _load()[1]

@@ -1,0 +1,143 @@
+"""batchlm's native CPU kernels (kernels/native/gemv.c via kernels/cpu_native.py): each build
+variant against the PyTorch reference on fresh random inputs with the output poisoned first;
+how a build fails; how the planner times and falls back."""
+from __future__ import annotations
+
+import platform
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from batchlm.kernels import cpu_native
+from batchlm.kernels import quant_matmul as qm
+
+HAVE_CC = shutil.which("gcc") or shutil.which("cc")
+X86 = platform.machine() in ("x86_64", "AMD64")
+needs_cc = pytest.mark.skipif(not HAVE_CC, reason="no C compiler on this machine")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+# The build variants: this CPU's own (-march=native), and where the CPU runs them the AVX2 path
+# (an AVX2-only EPYC's) and the plain C path (no vector unit assumed).
+MARCHES = ["native"]
+if X86 and {"avx2", "fma"} <= _cpu_flags():
+    MARCHES.append("haswell")
+if X86:
+    MARCHES.append("x86-64")
+
+# (M, N, K): a decode row, rows past one block of MB, N not a multiple of the block of 4
+# channels, K not a multiple of the vector width, tiny shapes that are all tail.
+SHAPES = [(1, 64, 128), (3, 130, 96), (5, 7, 13), (9, 257, 200), (1, 3, 5), (17, 64, 1000)]
+
+
+@pytest.fixture(scope="module")
+def libs(tmp_path_factory):
+    if not HAVE_CC:
+        pytest.skip("no C compiler on this machine")
+    out = tmp_path_factory.mktemp("native")
+    return {march: cpu_native.NativeLib(cpu_native.build(out, march=march)) for march in MARCHES}
+
+
+def _case(m, n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    scale = torch.rand(n, generator=g) * 0.02 + 1e-3
+    x = torch.randn(m, k, generator=g)
+    return codes, scale, x
+
+
+@pytest.mark.parametrize("march", MARCHES)
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_int8_mm_matches_reference(libs, march, m, n, k):
+    lib = libs[march]
+    codes, scale, x = _case(m, n, k, seed=m * 1000 + n * 10 + k)
+    ref = F.linear(x, codes.float() * scale.unsqueeze(1))  # [M, N] float32
+    for x_dtype in (torch.float32, torch.bfloat16):
+        xin = x.to(x_dtype)
+        ref_x = F.linear(xin.float(), codes.float() * scale.unsqueeze(1))
+        for out_dtype in (torch.float32, torch.bfloat16):
+            out = torch.full((m, n), float("nan"), dtype=out_dtype)  # poisoned: every entry must be written
+            got = lib.int8_mm(xin, codes, scale, out=out)
+            assert got is out and not torch.isnan(out).any(), (x_dtype, out_dtype)
+            if out_dtype == torch.float32:
+                # float32 accumulate in another order than F.linear's
+                torch.testing.assert_close(out, ref_x, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+            else:
+                # the float32 result rounded to bfloat16: at most one bfloat16 step from the
+                # reference rounded the same way (the sums differ in their last float32 bits)
+                step = ref_x.abs().clamp(min=1e-30) * 2.0 ** -7
+                assert ((out.float() - ref_x.to(torch.bfloat16).float()).abs() <= step + 1e-6).all()
+    # without `out`, the result takes x's dtype
+    assert lib.int8_mm(x.to(torch.bfloat16), codes, scale).dtype == torch.bfloat16
+
+
+@needs_cc
+def test_library_builds_here_and_is_cached(tmp_path):
+    lib = cpu_native.library()
+    assert lib is not None, cpu_native.unavailable_reason()
+    a = cpu_native.build(tmp_path)
+    mtime = a.stat().st_mtime_ns
+    assert cpu_native.build(tmp_path) == a and a.stat().st_mtime_ns == mtime  # kept, not rebuilt
+    if "x86-64" in MARCHES:
+        assert cpu_native.build(tmp_path, march="x86-64") != a  # another variant, another key
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".gemv.")]  # no half-written files
+
+
+def test_build_failures_name_the_problem(tmp_path):
+    with pytest.raises(RuntimeError, match="does not run"):
+        cpu_native.build(tmp_path, compiler=str(tmp_path / "no-such-cc"))
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\necho 'fake cc 1.0'\n[ \"$1\" = --version ] && exit 0\necho 'error: broken' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    with pytest.raises(RuntimeError, match="failed on gemv.c: error: broken"):
+        cpu_native.build(tmp_path / "out", compiler=str(fake))
+    assert not list((tmp_path / "out").iterdir())  # the failed build left nothing behind
+
+
+@pytest.fixture
+def native_off(monkeypatch):
+    monkeypatch.setenv("BATCHLM_NATIVE_KERNELS", "0")
+    cpu_native._load.cache_clear()
+    yield
+    monkeypatch.delenv("BATCHLM_NATIVE_KERNELS")
+    cpu_native._load.cache_clear()
+
+
+def test_turned_off_means_torch_kernels_only(native_off, tmp_path):
+    from batchlm.quantization import plan
+
+    assert cpu_native.library() is None and "BATCHLM_NATIVE_KERNELS=0" in cpu_native.unavailable_reason()
+    assert not qm.available(qm.int8_native_mm, torch.device("cpu"))
+    assert qm.available(qm.int8_pack_mm, torch.device("cpu"))
+
+    class Layer:  # what the planner reads of a QuantLinear
+        def __init__(self):
+            from batchlm.quantization.config import QuantConfig
+            from batchlm.quantization.groupquant import quantize_int8
+            gq = quantize_int8(torch.randn(64, 128))
+            self.qcfg = QuantConfig(method="int8")
+            self.out_features, self.in_features, self.group_size = 64, 128, None
+            self.packed = qm.pack_int8(gq.codes, gq.scale[:, 0], torch.float32)
+
+    layer = Layer()
+    # a plan stored while the library was there, naming its kernel, is measured again, not used
+    cache = tmp_path / "plans.json"
+    key = "int8:64x128:gNone:float32"
+    import json
+    cache.write_text(json.dumps({plan.machine_key(torch.device("cpu")): {key: [[plan.UNBOUNDED, "int8_native_mm"]]}}))
+    plans = plan.plan_kernels([layer], torch.float32, torch.device("cpu"), cache_file=cache)
+    names = {n for _, n in plans[key]}
+    assert names and "int8_native_mm" not in names
+    assert all(fn is not qm.int8_native_mm for _, fn in layer.kernels)
