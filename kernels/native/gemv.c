@@ -83,7 +83,7 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torc
 #endif
 
 /* RB channels from n against mb (<= MB) rows of x: res[m][r] (scaled) */
-static inline void int8_block(const float *x, const int8_t *w, const float *scale,
+static inline __attribute__((always_inline)) void int8_block(const float *x, const int8_t *w, const float *scale,
                               int mb, int K, int n, float res[MB][RB]) {
     const int8_t *wn = w + (size_t)n * K;
     int k = 0;
@@ -117,6 +117,21 @@ static inline void int8_block(const float *x, const int8_t *w, const float *scal
         }
 }
 
+/* NOTE: called with a constant mb (1..MB), so that each copy unrolls its loops over m and keeps
+ * its accumulators in registers; with a variable mb gcc 12 kept them on the stack (spilled on
+ * every step). */
+static void int8_block_mb(const float *x, const int8_t *w, const float *scale,
+                          int mb, int K, int n, float res[MB][RB]) {
+    switch (mb) {
+    case 1: int8_block(x, w, scale, 1, K, n, res); break;
+    case 2: int8_block(x, w, scale, 2, K, n, res); break;
+#if MB > 2
+    case 3: int8_block(x, w, scale, 3, K, n, res); break;
+    case 4: int8_block(x, w, scale, 4, K, n, res); break;
+#endif
+    }
+}
+
 static inline void store(void *y, int y_bf16, size_t i, float v) {
     if (y_bf16) ((uint16_t *)y)[i] = f32_to_bf16(v);
     else ((float *)y)[i] = v;
@@ -141,7 +156,7 @@ void bl_int8_mm(const void *x_in, int x_bf16, const int8_t *w, const float *scal
             for (int m0 = 0; m0 < M; m0 += MB) {
                 int mb = M - m0 < MB ? M - m0 : MB;
                 float res[MB][RB];
-                int8_block(x + (size_t)m0 * K, w, scale, mb, K, n, res);
+                int8_block_mb(x + (size_t)m0 * K, w, scale, mb, K, n, res);
                 for (int m = 0; m < mb; m++)
                     for (int r = 0; r < RB; r++) store(y, y_bf16, (size_t)(m0 + m) * N + n + r, res[m][r]);
             }
@@ -156,3 +171,4 @@ void bl_int8_mm(const void *x_in, int x_bf16, const int8_t *w, const float *scal
     }
     free(xw);
 }
+
