@@ -14,7 +14,10 @@ once (Ray actors) each load a whole library.
 
 `NativeLib.int8_mm(x [M, K], codes int8 [N, K], scale float32 [N]) -> [M, N]`
 computes `x @ (codes * scale[:, None]).T` in float32, x and the result in
-float32 or bfloat16; the kernel's own contract is in
+float32 or bfloat16; `NativeLib.int4_mm(x, tiles, scale, zero, group_size)`
+the same for 4-bit codes in gemv.c's tile layout (`int4_fast`: whether this
+build has the AVX-512 BF16 loop; without it the plain C loop is correct but
+slow, and callers keep torch's own int4 kernel); the kernel's own contract is in
 gemv.c. Callers (kernels/quant_matmul.py) own dtypes and packing; this
 module knows nothing of models.
 
@@ -59,6 +62,12 @@ class NativeLib:
                        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
         fn.restype = None
         self._int8_mm = fn
+        fn = lib.bl_int4_mm
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int] * 5
+        fn.restype = None
+        self._int4_mm = fn
+        self.int4_fast = bool(lib.bl_int4_fast())  # the AVX-512 BF16 loop, not the plain C one
 
     def int8_mm(self, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
                 out: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,6 +83,25 @@ class NativeLib:
             raise ValueError(f"out must be a contiguous float32 or bfloat16 [{m}, {codes.shape[0]}]")
         self._int8_mm(x.data_ptr(), x.dtype is torch.bfloat16, codes.data_ptr(), scale.data_ptr(),
                       out.data_ptr(), out.dtype is torch.bfloat16, m, codes.shape[0], k,
+                      torch.get_num_threads())
+        return out
+
+
+    def int4_mm(self, x: torch.Tensor, tiles: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                group_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M, K] float32 or bfloat16 -> [M, N] in x's dtype, or into `out`. tiles uint8
+        [N/16, K/8, 64] (gemv.c's tile layout), scale and zero bfloat16 [N/16, K/group_size, 16],
+        all contiguous (as quant_matmul.pack_int4_tiles makes them; not checked here)."""
+        m, k = x.shape
+        n = tiles.shape[0] * 16
+        if x.dtype not in _DTYPES or not x.is_contiguous():
+            x = x.float().contiguous()
+        if out is None:
+            out = torch.empty(m, n, dtype=x.dtype)
+        elif out.shape != (m, n) or out.dtype not in _DTYPES or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous float32 or bfloat16 [{m}, {n}]")
+        self._int4_mm(x.data_ptr(), x.dtype is torch.bfloat16, tiles.data_ptr(), scale.data_ptr(),
+                      zero.data_ptr(), out.data_ptr(), out.dtype is torch.bfloat16, m, n, k, group_size,
                       torch.get_num_threads())
         return out
 

@@ -17,6 +17,12 @@ Packed forms (built from a batchlm.quantization GroupQuant by `pack_*`):
   convention is w = (code - 8) * scale + zero. NOTE: the tiled layout is
   torch's private business; `unpack_int4_codes` inverts it and `pack_int4`
   checks the inversion on every call, so a torch that changes it fails loudly.
+- Int4Tiles (CPU, where kernels/cpu_native's library has its AVX-512 BF16
+  loop; `pack_int4_auto` picks it there and Int4Packed elsewhere): `tiles`
+  uint8 [Np/16, K/8, 64] (gemv.c's tile layout: 16 channels x 8 inputs per
+  64 bytes), `scale` and `zero` bfloat16 [Np/16, K/g, 16] (as Int4Packed keeps
+  them), Np = N rounded up to 16 (zero rows pad, sliced off):
+  w = scale * code + zero.
 - Fp8Packed (CUDA): `codes` float8_e4m3fn [N, K], `scale` float32 [N].
 
 Kernels, chosen per shape and batch size by batchlm.quantization (measured):
@@ -29,8 +35,10 @@ Kernels, chosen per shape and batch size by batchlm.quantization (measured):
   `int8_dynamic_mm` (activations quantized per row to int8, aten._int_mm,
   int32 accumulate; exact integer math, so a row's result does not depend on
   the other rows in the batch).
-- int4: `int4_pack_mm` (aten._weight_int4pack_mm_for_cpu, bf16 activations),
-  `int4_dequant_mm`.
+- int4: `int4_native_mm` (Int4Tiles: gemv.c's AVX-512 BF16 GEMV, activations
+  rounded to bf16, float32 sums), `int4_pack_mm` (Int4Packed:
+  aten._weight_int4pack_mm_for_cpu, bf16 activations), `int4_dequant_mm`
+  (either form).
 - fp8: `fp8_scaled_mm` (torch._scaled_mm, per-row activation scales).
 
 What it does not know: modules, configs, files. No state between calls.
@@ -59,6 +67,15 @@ class Int8Packed:
 class Int4Packed:
     packed: torch.Tensor  # [Np, K/2] uint8, torch's CPU tiled layout
     sz: torch.Tensor  # [K/g, Np, 2] bfloat16: scale, zero (w = (q - 8) * scale + zero)
+    n: int  # real output rows (Np - n rows of padding)
+    group_size: int
+
+
+@dataclass
+class Int4Tiles:
+    tiles: torch.Tensor  # [Np/16, K/8, 64] uint8, gemv.c's tile layout
+    scale: torch.Tensor  # [Np/16, K/g, 16] bfloat16
+    zero: torch.Tensor  # [Np/16, K/g, 16] bfloat16: w = scale * code + zero
     n: int  # real output rows (Np - n rows of padding)
     group_size: int
 
@@ -146,13 +163,74 @@ def unpack_int4_codes(packed: torch.Tensor, k: int) -> torch.Tensor:
     return both.permute(0, 1, 3, 2).reshape(np_, k)  # [Np, K]
 
 
-def dequantize_int4(w: Int4Packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_int4(w: Int4Packed | Int4Tiles, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    if isinstance(w, Int4Tiles):
+        s, z = (t[: w.n] for t in _tiles_scales(w))
+        codes = unpack_int4_tiles(w)[: w.n].float()  # [N, K]
+        g = w.group_size
+        return (codes * s.repeat_interleave(g, dim=1) + z.repeat_interleave(g, dim=1)).to(dtype)
     k = w.packed.shape[1] * 2
     codes = unpack_int4_codes(w.packed, k)[: w.n]  # [N, K]
     g = w.group_size
     sz = w.sz[:, : w.n].to(dtype)  # [K/g, N, 2]
     q = codes.to(dtype).view(w.n, k // g, g) - 8
     return (q * sz[..., 0].t().unsqueeze(-1) + sz[..., 1].t().unsqueeze(-1)).view(w.n, k)
+
+
+TILE_N, TILE_K = 16, 8  # Int4Tiles: channels x inputs per 64-byte tile
+
+
+def pack_int4_tiles(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> Int4Tiles:
+    """codes uint8 0..15 [N, K], w = scale * code + zero per group ([N, K/g] each)."""
+    n, k = codes.shape
+    if group_size not in (32, 64, 128) or k % group_size:
+        raise ValueError(f"Int4Tiles needs a group of 32, 64 or 128 that divides K ({k}), got {group_size}")
+    pad = -n % TILE_N
+    c = torch.cat([codes, codes.new_zeros(pad, k)]) if pad else codes
+    scale = scale.to(torch.bfloat16)
+    zero = zero.to(torch.bfloat16)  # [N, K/g]
+    if pad:
+        scale = torch.cat([scale, scale.new_zeros(pad, scale.shape[1])])
+        zero = torch.cat([zero, zero.new_zeros(pad, zero.shape[1])])
+    nb = c.shape[0] // TILE_N
+    # code of channel r, input 8t + 2i + p -> nibble i of word 2r + p of tile t
+    q = c.to(torch.int32).view(nb, TILE_N, k // TILE_K, 4, 2).permute(0, 2, 1, 4, 3)  # [nb, K/8, 16, 2, 4]
+    words = (q << torch.tensor([0, 4, 8, 12], dtype=torch.int32)).sum(-1).reshape(nb, k // TILE_K, 32)
+    tiles = torch.stack([words & 255, words >> 8], dim=-1).to(torch.uint8).reshape(nb, k // TILE_K, 64)
+    g = k // group_size
+    return Int4Tiles(tiles.contiguous(), scale.view(nb, TILE_N, g).transpose(1, 2).contiguous(),
+                     zero.view(nb, TILE_N, g).transpose(1, 2).contiguous(), n, group_size)
+
+
+def unpack_int4_tiles(w: Int4Tiles) -> torch.Tensor:
+    """Int4Tiles -> codes uint8 [Np, K]."""
+    nb, kt, _ = w.tiles.shape
+    b = w.tiles.to(torch.int32).view(nb, kt, 32, 2)
+    words = (b[..., 0] | (b[..., 1] << 8)).view(nb, kt, TILE_N, 2, 1)  # [nb, K/8, 16(r), 2(p), 1]
+    q = (words >> torch.tensor([0, 4, 8, 12], dtype=torch.int32)) & 15  # [nb, K/8, 16, 2(p), 4(i)]
+    return q.permute(0, 2, 1, 4, 3).reshape(nb * TILE_N, kt * TILE_K).to(torch.uint8)
+
+
+def _tiles_scales(w: Int4Tiles) -> tuple[torch.Tensor, torch.Tensor]:
+    """scale, zero as [Np, K/g] float32."""
+    nb, g, _ = w.scale.shape
+    return (w.scale.float().transpose(1, 2).reshape(nb * TILE_N, g),
+            w.zero.float().transpose(1, 2).reshape(nb * TILE_N, g))
+
+
+def pack_int4_auto(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int):
+    """Int4Tiles where batchlm's AVX-512 BF16 int4 kernel runs (CPU), else torch's Int4Packed."""
+    lib = cpu_native.library() if codes.device.type == "cpu" else None
+    if lib is not None and lib.int4_fast and group_size in (32, 64, 128):
+        return pack_int4_tiles(codes, scale, zero, group_size)
+    return pack_int4(codes, scale, zero, group_size)
+
+
+def int4_native_mm(x: torch.Tensor, w: Int4Tiles) -> torch.Tensor:
+    y = cpu_native.library().int4_mm(x, w.tiles, w.scale, w.zero, w.group_size)  # [M, Np]
+    if y.shape[1] != w.n:
+        y = y[:, : w.n]
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def int4_pack_mm(x: torch.Tensor, w: Int4Packed) -> torch.Tensor:
@@ -167,8 +245,20 @@ def int4_dequant_mm(x: torch.Tensor, w: Int4Packed) -> torch.Tensor:
     return F.linear(x, dequantize_int4(w, x.dtype))  # [M, N]
 
 
-def int4_rows(w: Int4Packed, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def int4_rows(w: Int4Packed | Int4Tiles, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Dequantized rows `rows` [T] of the weight -> [T, K] (an embedding lookup)."""
+    if isinstance(w, Int4Tiles):
+        nb, kt, _ = w.tiles.shape
+        blk, r = rows // TILE_N, rows % TILE_N
+        b = w.tiles[blk].to(torch.int32).view(len(rows), kt, TILE_N, 2, 2)  # [T, K/8, r, p, byte]
+        b = b[torch.arange(len(rows)), :, r]  # [T, K/8, 2(p), 2(byte)]
+        words = (b[..., 0] | (b[..., 1] << 8)).unsqueeze(-1)  # [T, K/8, 2, 1]
+        q = ((words >> torch.tensor([0, 4, 8, 12], dtype=torch.int32)) & 15).transpose(2, 3)  # [T, K/8, 4(i), 2(p)]
+        codes = q.reshape(len(rows), kt * TILE_K).float()
+        s = w.scale[blk, :, r].float()  # [T, K/g]
+        z = w.zero[blk, :, r].float()
+        g = w.group_size
+        return (codes * s.repeat_interleave(g, dim=1) + z.repeat_interleave(g, dim=1)).to(dtype)
     k = w.packed.shape[1] * 2
     p = w.packed.view(-1, k, INT4_TILE_N // 2)  # [tiles, K, 32]
     tile, within = rows // INT4_TILE_N, rows % INT4_TILE_N
@@ -186,6 +276,21 @@ NATIVE = ("int8_native_mm",)  # need kernels/cpu_native's library and CPU tensor
 
 def available(fn, device: torch.device) -> bool:
     if fn.__name__ in NATIVE:
+        return device.type == "cpu" and cpu_native.library() is not None
+    return True
+
+
+# ---- where each runs ----------------------------------------------------------
+NATIVE = ("int8_native_mm", "int4_native_mm")  # need kernels/cpu_native's library and CPU tensors
+LAYOUT = {"int4_native_mm": Int4Tiles, "int4_pack_mm": Int4Packed}  # the packed form each reads
+
+
+def available(fn, device: torch.device, packed=None) -> bool:
+    """Whether kernel `fn` runs here on a weight packed as `packed` (None: any form)."""
+    name = fn.__name__
+    if packed is not None and name in LAYOUT and not isinstance(packed, LAYOUT[name]):
+        return False
+    if name in NATIVE:
         return device.type == "cpu" and cpu_native.library() is not None
     return True
 

@@ -113,7 +113,7 @@ class _QuantWeight(nn.Module):
             scale = torch.cat([p.scale for p in parts]).to(device)
             if m == "int4":
                 zero = torch.cat([p.zero for p in parts]).to(device)
-                self.packed = qm.pack_int4(codes, scale, zero, self.group_size)
+                self.packed = qm.pack_int4_auto(codes, scale, zero, self.group_size)
             else:
                 self.packed = qm.pack_int8(codes, scale[:, 0], self.dtype)
         self._register_packed()
@@ -160,7 +160,7 @@ class QuantEmbedding(_QuantWeight):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         p = self.packed
-        if isinstance(p, qm.Int4Packed):
+        if isinstance(p, (qm.Int4Packed, qm.Int4Tiles)):
             return qm.int4_rows(p, ids, self.dtype)  # [T, dim]
         return (p.codes[ids].to(self.dtype) * p.scale[ids].unsqueeze(1).to(self.dtype))
 

@@ -83,6 +83,47 @@ def test_int8_mm_matches_reference(libs, march, m, n, k):
     assert lib.int8_mm(x.to(torch.bfloat16), codes, scale).dtype == torch.bfloat16
 
 
+INT4_SHAPES = [(1, 64, 128, 32), (3, 48, 96, 32), (5, 32, 256, 128), (9, 80, 576, 64), (4, 16, 64, 64)]
+
+
+def _int4_case(m, n, k, group, seed):
+    from batchlm.quantization.groupquant import quantize_int4
+    g = torch.Generator().manual_seed(seed)
+    gq = quantize_int4(torch.randn(n, k, generator=g), group)
+    return qm.pack_int4_tiles(gq.codes, gq.scale, gq.zero, group), torch.randn(m, k, generator=g)
+
+
+@pytest.mark.parametrize("march", MARCHES)
+@pytest.mark.parametrize("m,n,k,group", INT4_SHAPES)
+def test_int4_mm_matches_reference(libs, march, m, n, k, group):
+    """Every build: the AVX-512 BF16 loop where this CPU has it (-march=native here), the plain C
+    loop elsewhere (AVX2 and x86-64 builds have no vdpbf16ps)."""
+    lib = libs[march]
+    w, x = _int4_case(m, n, k, group, seed=m * 100 + n + k)
+    deq = qm.dequantize_int4(w)  # [N, K] float32
+    for x_dtype in (torch.float32, torch.bfloat16):
+        xin = x.to(x_dtype)
+        # the kernel's math: activations rounded to bfloat16, float32 sums
+        ref = F.linear(xin.to(torch.bfloat16).float(), deq)
+        for out_dtype in (torch.float32, torch.bfloat16):
+            out = torch.full((m, n), float("nan"), dtype=out_dtype)
+            got = lib.int4_mm(xin, w.tiles, w.scale, w.zero, group, out=out)
+            assert got is out and not torch.isnan(out).any(), (x_dtype, out_dtype)
+            if out_dtype == torch.float32:
+                # the zero point comes back out of sums of x times (q + 128): a few float32 steps of
+                # 128 * |x| * |scale| per input, ~1e-6 of the output
+                torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-5 * ref.abs().max().item())
+            else:
+                step = ref.abs().clamp(min=1e-30) * 2.0 ** -7
+                assert ((out.float() - ref.to(torch.bfloat16).float()).abs() <= step + 1e-5).all()
+
+
+def test_int4_fast_loop_only_where_the_cpu_has_it(libs):
+    assert not libs["x86-64"].int4_fast if "x86-64" in libs else True
+    if "native" in libs:
+        assert libs["native"].int4_fast == ({"avx512_bf16", "avx512bw"} <= _cpu_flags())
+
+
 @needs_cc
 def test_library_builds_here_and_is_cached(tmp_path):
     lib = cpu_native.library()
@@ -113,6 +154,13 @@ def native_off(monkeypatch):
     yield
     monkeypatch.delenv("BATCHLM_NATIVE_KERNELS")
     cpu_native._load.cache_clear()
+
+
+def test_turned_off_means_torch_kernels_and_layouts(native_off):
+    from batchlm.quantization.groupquant import quantize_int4
+    gq = quantize_int4(torch.randn(64, 128), 32)
+    assert isinstance(qm.pack_int4_auto(gq.codes, gq.scale, gq.zero, 32), qm.Int4Packed)
+    assert not qm.available(qm.int4_native_mm, torch.device("cpu"))
 
 
 def test_turned_off_means_torch_kernels_only(native_off, tmp_path):

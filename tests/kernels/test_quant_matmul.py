@@ -41,6 +41,19 @@ def test_int4_layout_round_trip_and_rows(n, k, group):
     assert torch.equal(qm.int4_rows(p, rows, torch.float32), ref[rows])
 
 
+@pytest.mark.parametrize("n,k,group", [(96, 128, 32), (192, 576, 64), (64, 256, 128), (130, 64, 32)])
+def test_int4_tiles_round_trip_and_rows(n, k, group):
+    w, _ = _case(n, k, 1, torch.float32, n + k)
+    gq = quantize_int4(w, group)
+    p = qm.pack_int4_tiles(gq.codes, gq.scale, gq.zero, group)
+    assert p.tiles.shape == (-(-n // qm.TILE_N), k // qm.TILE_K, 64) and p.n == n
+    assert torch.equal(qm.unpack_int4_tiles(p)[:n], gq.codes)
+    ref = qm.dequantize_int4(p)
+    assert (ref - gq.dequantize()).abs().max() <= 0.01 * w.abs().max()  # bf16 scale/zero, as Int4Packed
+    rows = torch.tensor([0, n - 1, n // 2, min(17, n - 1)])
+    assert torch.equal(qm.int4_rows(p, rows, torch.float32), ref[rows])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 5, 70])
 @pytest.mark.parametrize("n,k,group", [(96, 128, 32), (192, 256, 64), (130, 256, 128)])
@@ -53,6 +66,17 @@ def test_int4_kernels_match_reference(dtype, m, n, k, group):
         out = kernel(x, p)
         assert out.dtype == dtype and out.shape == (m, n)
         assert _rel(out, ref) < tol, kernel.__name__
+    t = qm.pack_int4_tiles(gq.codes, gq.scale, gq.zero, group)
+    ref_t = F.linear(x.float(), qm.dequantize_int4(t))
+    kernels = [(qm.int4_dequant_mm, TOL[dtype])]
+    if qm.available(qm.int4_native_mm, torch.device("cpu"), t):  # tests/kernels/test_cpu_native.py says why not
+        kernels.append((qm.int4_native_mm, TOL[torch.bfloat16]))
+    for kernel, tol in kernels:
+        out = kernel(x, t)
+        assert out.dtype == dtype and out.shape == (m, n)
+        assert _rel(out, ref_t) < tol, kernel.__name__
+    assert not qm.available(qm.int4_pack_mm, torch.device("cpu"), t)  # each kernel reads its own layout
+    assert not qm.available(qm.int4_native_mm, torch.device("cpu"), p)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

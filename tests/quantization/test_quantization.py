@@ -77,7 +77,7 @@ def _dequantized_state(module) -> dict[str, torch.Tensor]:
     for name, m in module.named_modules():
         if isinstance(m, (QuantLinear, QuantEmbedding)) and m.packed is not None:
             p = m.packed
-            w = qm.dequantize_int4(p) if isinstance(p, qm.Int4Packed) else qm.dequantize_int8(p)
+            w = qm.dequantize_int4(p) if isinstance(p, (qm.Int4Packed, qm.Int4Tiles)) else qm.dequantize_int8(p)
             out[name] = w
     return out
 
