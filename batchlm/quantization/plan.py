@@ -66,8 +66,8 @@ PLAN_FORMAT = 3  # in the cache key: a new way of measuring measures again
 # NOTE: cold weights. A decode step reads every weight once, ~135 MB of them (int8, default model)
 # between two reads of the same one, so each matmul reads its weight from memory. Timed hot (one
 # weight again and again, 0.3-3 MB that stays in cache) int8pack looked as fast as the native
-# kernel at 1-16 rows, so the plan kept it; read cold (2-core Xeon, 2026-11-26, bf16, one row)
-# 3072x576 takes 77 us native vs 143 int8pack, the LM head 1351 vs 2068.
+# kernel at 1-16 rows, so the plan kept it; read from memory (2-core Xeon, 2026-11-26, bf16, one
+# row, 600 MB of distinct weights) 3072x576 takes 96-101 us native vs 160-165 int8pack.
 COLD_ROWS = 16
 COLD_BYTES = 64 << 20
 MAX_COPIES = 256
@@ -91,7 +91,8 @@ def machine_key(device: torch.device) -> str:
         except OSError:
             pass
     # the way plans are measured (format, rows, candidates): a change measures them again
-    how = (f"plan {PLAN_FORMAT} rows {ROWS} native {cpu_native.library() is not None} "
+    native = device.type == "cpu" and cpu_native.library() is not None
+    how = (f"plan {PLAN_FORMAT} rows {ROWS} native {native} "
            + ",".join(fn.__name__ for fns in CANDIDATES.values() for fn in fns))
     raw = f"{name}|torch {torch.__version__}|threads {torch.get_num_threads()}|{how}"
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
