@@ -86,7 +86,6 @@ class NativeLib:
                       torch.get_num_threads())
         return out
 
-
     def int4_mm(self, x: torch.Tensor, tiles: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                 group_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """x [M, K] float32 or bfloat16 -> [M, N] in x's dtype, or into `out`. tiles uint8

@@ -42,7 +42,8 @@ Kernels, chosen per shape and batch size by batchlm.quantization (measured):
 - fp8: `fp8_scaled_mm` (torch._scaled_mm, per-row activation scales).
 
 What it does not know: modules, configs, files. No state between calls.
-`available(fn, device)` says whether a kernel runs on a device here.
+`available(fn, device, packed)` says whether a kernel runs on a device here,
+on a weight in that packed form (None: any).
 """
 from __future__ import annotations
 
