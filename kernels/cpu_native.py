@@ -10,7 +10,9 @@ and logged once. The key hashes the source, the flags, the compiler's
 version and this CPU's model and feature flags, so a cache shared between
 machines (a home directory on NFS) never hands a CPU code built for another.
 The build writes a temporary file and renames it, so processes building at
-once (Ray actors) each load a whole library.
+once (Ray actors) each load a whole library. A library is code: the folder is
+made private (0700) and a folder or file that another user owns or could
+write is refused, not loaded.
 
 `NativeLib.int8_mm(x [M, K], codes int8 [N, K], scale float32 [N]) -> [M, N]`
 computes `x @ (codes * scale[:, None]).T` in float32, x and the result in
@@ -133,9 +135,11 @@ def build(out_dir: Path, march: str = "native", compiler: str | None = None) -> 
     key = hashlib.sha256(b"|".join([source, " ".join(flags).encode(), version.encode(),
                                     _cpu_identity().encode()])).hexdigest()[:16]
     path = out_dir / f"gemv-{key}.so"
+    out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_private(out_dir)
     if path.exists():
+        _check_private(path)
         return path
-    out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".gemv.", suffix=".so", dir=out_dir)
     os.close(fd)
     try:
@@ -148,6 +152,14 @@ def build(out_dir: Path, march: str = "native", compiler: str | None = None) -> 
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _check_private(path: Path) -> None:
+    """A library is code this process runs: refuse one that another user could have written."""
+    st = path.stat()
+    if (hasattr(os, "getuid") and st.st_uid != os.getuid()) or st.st_mode & 0o022:
+        raise RuntimeError(f"{path} is writable by other users or owned by another; batchlm does not "
+                           "load native code from it (remove it, or set BATCHLM_CACHE_DIR)")
 
 
 @functools.lru_cache(maxsize=None)

@@ -136,6 +136,20 @@ def test_library_builds_here_and_is_cached(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".gemv.")]  # no half-written files
 
 
+@needs_cc
+def test_a_library_others_could_write_is_not_loaded(tmp_path):
+    out = tmp_path / "native"
+    path = cpu_native.build(out)
+    assert out.stat().st_mode & 0o777 == 0o700
+    path.chmod(0o666)  # e.g. planted or left group/world-writable
+    with pytest.raises(RuntimeError, match="writable by other users"):
+        cpu_native.build(out)
+    path.chmod(0o644)
+    out.chmod(0o777)
+    with pytest.raises(RuntimeError, match="writable by other users"):
+        cpu_native.build(out)
+
+
 def test_build_failures_name_the_problem(tmp_path):
     with pytest.raises(RuntimeError, match="does not run"):
         cpu_native.build(tmp_path, compiler=str(tmp_path / "no-such-cc"))
