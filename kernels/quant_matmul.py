@@ -167,9 +167,7 @@ def unpack_int4_codes(packed: torch.Tensor, k: int) -> torch.Tensor:
 def dequantize_int4(w: Int4Packed | Int4Tiles, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     if isinstance(w, Int4Tiles):
         s, z = (t[: w.n] for t in _tiles_scales(w))
-        codes = unpack_int4_tiles(w)[: w.n].float()  # [N, K]
-        g = w.group_size
-        return (codes * s.repeat_interleave(g, dim=1) + z.repeat_interleave(g, dim=1)).to(dtype)
+        return _tiles_dequant(unpack_int4_tiles(w)[: w.n], s, z, w.group_size, dtype)  # [N, K]
     k = w.packed.shape[1] * 2
     codes = unpack_int4_codes(w.packed, k)[: w.n]  # [N, K]
     g = w.group_size
@@ -203,13 +201,24 @@ def pack_int4_tiles(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
                      zero.view(nb, TILE_N, g).transpose(1, 2).contiguous(), n, group_size)
 
 
+def _tile_codes(b: torch.Tensor) -> torch.Tensor:
+    """Tile bytes int32 [..., 2(p), 2(byte)] (one channel's words 2r, 2r + 1 of a tile) -> codes
+    [..., 4(i), 2(p)], the code of input 8t + 2i + p in nibble i of word 2r + p."""
+    words = (b[..., 0] | (b[..., 1] << 8)).unsqueeze(-2)  # [..., 1, 2(p)]
+    return (words >> torch.tensor([[0], [4], [8], [12]], dtype=torch.int32)) & 15  # [..., 4(i), 2(p)]
+
+
 def unpack_int4_tiles(w: Int4Tiles) -> torch.Tensor:
     """Int4Tiles -> codes uint8 [Np, K]."""
     nb, kt, _ = w.tiles.shape
-    b = w.tiles.to(torch.int32).view(nb, kt, 32, 2)
-    words = (b[..., 0] | (b[..., 1] << 8)).view(nb, kt, TILE_N, 2, 1)  # [nb, K/8, 16(r), 2(p), 1]
-    q = (words >> torch.tensor([0, 4, 8, 12], dtype=torch.int32)) & 15  # [nb, K/8, 16, 2(p), 4(i)]
-    return q.permute(0, 2, 1, 4, 3).reshape(nb * TILE_N, kt * TILE_K).to(torch.uint8)
+    q = _tile_codes(w.tiles.to(torch.int32).view(nb, kt, TILE_N, 2, 2))  # [nb, K/8, 16(r), 4(i), 2(p)]
+    return q.permute(0, 2, 1, 3, 4).reshape(nb * TILE_N, kt * TILE_K).to(torch.uint8)
+
+
+def _tiles_dequant(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """codes [R, K] with scale and zero float32 [R, K/g] -> w = scale * code + zero [R, K] in dtype."""
+    return (codes.float() * scale.repeat_interleave(g, dim=1) + zero.repeat_interleave(g, dim=1)).to(dtype)
 
 
 def _tiles_scales(w: Int4Tiles) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,17 +258,11 @@ def int4_dequant_mm(x: torch.Tensor, w: Int4Packed) -> torch.Tensor:
 def int4_rows(w: Int4Packed | Int4Tiles, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Dequantized rows `rows` [T] of the weight -> [T, K] (an embedding lookup)."""
     if isinstance(w, Int4Tiles):
-        nb, kt, _ = w.tiles.shape
+        kt = w.tiles.shape[1]
         blk, r = rows // TILE_N, rows % TILE_N
-        b = w.tiles[blk].to(torch.int32).view(len(rows), kt, TILE_N, 2, 2)  # [T, K/8, r, p, byte]
-        b = b[torch.arange(len(rows)), :, r]  # [T, K/8, 2(p), 2(byte)]
-        words = (b[..., 0] | (b[..., 1] << 8)).unsqueeze(-1)  # [T, K/8, 2, 1]
-        q = ((words >> torch.tensor([0, 4, 8, 12], dtype=torch.int32)) & 15).transpose(2, 3)  # [T, K/8, 4(i), 2(p)]
-        codes = q.reshape(len(rows), kt * TILE_K).float()
-        s = w.scale[blk, :, r].float()  # [T, K/g]
-        z = w.zero[blk, :, r].float()
-        g = w.group_size
-        return (codes * s.repeat_interleave(g, dim=1) + z.repeat_interleave(g, dim=1)).to(dtype)
+        b = w.tiles[blk].to(torch.int32).view(len(rows), kt, TILE_N, 2, 2)  # [T, K/8, 16(r), 2(p), 2(byte)]
+        codes = _tile_codes(b[torch.arange(len(rows)), :, r]).reshape(len(rows), kt * TILE_K)  # [T, K]
+        return _tiles_dequant(codes, w.scale[blk, :, r].float(), w.zero[blk, :, r].float(), w.group_size, dtype)
     k = w.packed.shape[1] * 2
     p = w.packed.view(-1, k, INT4_TILE_N // 2)  # [tiles, K, 32]
     tile, within = rows // INT4_TILE_N, rows % INT4_TILE_N

@@ -64,8 +64,9 @@ class DecodeSplit(NamedTuple):
 # (2026-11-26; README, GPUs). The decode kernels alone, copy 3001 GB/s:
 # 256 seqs x 1024 ctx 89.7 us = 75% of copy (the best of the sweep's 48
 # tiling and split choices 87.1 us; one-block tiles, as the kernel had
-# before, 142 us, timed then with the host waiting after each call); 32 x 2048 at 6 splits 36.6 us (best 33.3);
-# 8 x 4096 at 16 splits 22.5 us (best 22.0). 64-token tiles with 4 warps
+# before, 142 us, timed then with the host waiting after each call);
+# 32 x 2048 at 6 splits 36.6 us (best 33.3); 8 x 4096 at 16 splits 22.5 us
+# (best 22.0). 64-token tiles with 4 warps
 # were 2% faster at 256 seqs but 2x slower at 8 seqs x 4096.
 DECODE_TILING = DecodeTiling(tile=128, num_warps=8, num_stages=3)
 # The least a split may hold, and how many programs fill an SM: a step of

@@ -82,6 +82,13 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torc
 #define MB 4
 #endif
 
+/* sum_k x[k] * w[k] over k0..K-1, one at a time (the tails the vector loops leave) */
+static inline float dot_i8(const float *x, const int8_t *w, int k0, int K) {
+    float acc = 0.f;
+    for (int k = k0; k < K; k++) acc += x[k] * (float)w[k];
+    return acc;
+}
+
 /* RB channels from n against mb (<= MB) rows of x: res[m][r] (scaled) */
 static inline __attribute__((always_inline)) void int8_block(const float *x, const int8_t *w, const float *scale,
                               int mb, int K, int n, float res[MB][RB]) {
@@ -110,11 +117,8 @@ static inline __attribute__((always_inline)) void int8_block(const float *x, con
         for (int r = 0; r < RB; r++) res[m][r] = 0.f;
 #endif
     for (int m = 0; m < mb; m++)  /* the inputs the vector loop leaves */
-        for (int r = 0; r < RB; r++) {
-            float acc1 = 0.f;
-            for (int kk = k; kk < K; kk++) acc1 += x[(size_t)m * K + kk] * (float)wn[(size_t)r * K + kk];
-            res[m][r] = (res[m][r] + acc1) * scale[n + r];
-        }
+        for (int r = 0; r < RB; r++)
+            res[m][r] = (res[m][r] + dot_i8(x + (size_t)m * K, wn + (size_t)r * K, k, K)) * scale[n + r];
 }
 
 /* NOTE: called with a constant mb (1..MB), so that each copy unrolls its loops over m and keeps
@@ -162,11 +166,8 @@ void bl_int8_mm(const void *x_in, int x_bf16, const int8_t *w, const float *scal
             }
         } else {  /* the last N % RB channels */
             for (int m = 0; m < M; m++)
-                for (int nn = n; nn < N; nn++) {
-                    float acc1 = 0.f;
-                    for (int kk = 0; kk < K; kk++) acc1 += x[(size_t)m * K + kk] * (float)w[(size_t)nn * K + kk];
-                    store(y, y_bf16, (size_t)m * N + nn, acc1 * scale[nn]);
-                }
+                for (int nn = n; nn < N; nn++)
+                    store(y, y_bf16, (size_t)m * N + nn, dot_i8(x + (size_t)m * K, w + (size_t)nn * K, 0, K) * scale[nn]);
         }
     }
     free(xw);
@@ -192,8 +193,8 @@ void bl_int8_mm(const void *x_in, int x_bf16, const int8_t *w, const float *scal
  * and `0x4300 | q` is q + 128 as a bfloat16, so the codes are operands of
  * vdpbf16ps (channels in lanes, the pair summed in each) against the pair of
  * x broadcast, with no conversion; the scales multiply once per group, 16
- * channels at a time, and the 128 comes back out through `offset` and the
- * sums of x per group (offset = zero - 128 * scale, in float32).
+ * channels at a time, and the 128 comes back out through the sums of x per
+ * group times offset = zero - 128 * scale (in float32).
  *
  * NOTE: why channels in lanes. A first version kept inputs in lanes (one
  * dot product per channel and group, then a scale per channel and group):
@@ -248,12 +249,12 @@ static inline __attribute__((always_inline)) void int4_tile_block(
 }
 
 static void int4_tile_block_mb(const uint16_t *xb, const float *xs, const uint8_t *wb, const uint16_t *sb,
-                               const uint16_t *ob, int mb, int K, int G, __m512 out[MB4]) {
+                               const uint16_t *zb, int mb, int K, int G, __m512 out[MB4]) {
     switch (mb) {  /* a constant mb per copy: see int8_block_mb */
-    case 1: int4_tile_block(xb, xs, wb, sb, ob, 1, K, G, out); break;
-    case 2: int4_tile_block(xb, xs, wb, sb, ob, 2, K, G, out); break;
-    case 3: int4_tile_block(xb, xs, wb, sb, ob, 3, K, G, out); break;
-    case 4: int4_tile_block(xb, xs, wb, sb, ob, 4, K, G, out); break;
+    case 1: int4_tile_block(xb, xs, wb, sb, zb, 1, K, G, out); break;
+    case 2: int4_tile_block(xb, xs, wb, sb, zb, 2, K, G, out); break;
+    case 3: int4_tile_block(xb, xs, wb, sb, zb, 3, K, G, out); break;
+    case 4: int4_tile_block(xb, xs, wb, sb, zb, 4, K, G, out); break;
     }
 }
 #else
@@ -289,13 +290,13 @@ void bl_int4_mm(const void *x_in, int x_bf16, const uint8_t *w, const uint16_t *
     for (int b = 0; b < blocks; b++) {
         const uint8_t *wb = w + (size_t)b * (K / 8) * 64;
         (void)wb;  /* read by the AVX-512 BF16 loop only */
-        const uint16_t *sb = scale + (size_t)b * NG * 16, *ob = zero + (size_t)b * NG * 16;
+        const uint16_t *sb = scale + (size_t)b * NG * 16, *zb = zero + (size_t)b * NG * 16;
         for (int m0 = 0; m0 < M; m0 += 4) {
             int mb = bl_min(4, M - m0);
             float res[4][16];
 #if INT4_FAST
             __m512 out[MB4];
-            int4_tile_block_mb(xb + (size_t)m0 * K, xs + (size_t)m0 * NG, wb, sb, ob, mb, K, G, out);
+            int4_tile_block_mb(xb + (size_t)m0 * K, xs + (size_t)m0 * NG, wb, sb, zb, mb, K, G, out);
             for (int m = 0; m < mb; m++) _mm512_storeu_ps(res[m], out[m]);
 #else
             for (int m = 0; m < mb; m++)
@@ -305,7 +306,7 @@ void bl_int4_mm(const void *x_in, int x_bf16, const uint8_t *w, const uint16_t *
                         float d = 0.f;
                         for (int k = g * G; k < (g + 1) * G; k++)
                             d += bf16_to_f32(xb[(size_t)(m0 + m) * K + k]) * (float)int4_code(w, K, b * 16 + r, k);
-                        acc1 += d * bf16_to_f32(sb[g * 16 + r]) + bf16_to_f32(ob[g * 16 + r]) * xs[(size_t)(m0 + m) * NG + g];
+                        acc1 += d * bf16_to_f32(sb[g * 16 + r]) + bf16_to_f32(zb[g * 16 + r]) * xs[(size_t)(m0 + m) * NG + g];
                     }
                     res[m][r] = acc1;
                 }

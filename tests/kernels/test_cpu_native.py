@@ -58,6 +58,20 @@ def _case(m, n, k, seed):
     return codes, scale, x
 
 
+def _check_every_out_dtype(call, ref, atol, bf16_slack):
+    """call(out) into an output poisoned with NaN, for each output dtype: every entry written; float32
+    within rtol 1e-5 / atol of ref; bfloat16 at most one bfloat16 step (plus bf16_slack) from ref
+    rounded the same way (the sums differ from F.linear's in their last float32 bits)."""
+    for out_dtype in (torch.float32, torch.bfloat16):
+        out = torch.full(ref.shape, float("nan"), dtype=out_dtype)
+        assert call(out) is out and not torch.isnan(out).any(), out_dtype
+        if out_dtype == torch.float32:
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=atol)
+        else:
+            step = ref.abs().clamp(min=1e-30) * 2.0 ** -7
+            assert ((out.float() - ref.to(torch.bfloat16).float()).abs() <= step + bf16_slack).all()
+
+
 @pytest.mark.parametrize("march", MARCHES)
 @pytest.mark.parametrize("m,n,k", SHAPES)
 def test_int8_mm_matches_reference(libs, march, m, n, k):
@@ -67,18 +81,9 @@ def test_int8_mm_matches_reference(libs, march, m, n, k):
     for x_dtype in (torch.float32, torch.bfloat16):
         xin = x.to(x_dtype)
         ref_x = F.linear(xin.float(), codes.float() * scale.unsqueeze(1))
-        for out_dtype in (torch.float32, torch.bfloat16):
-            out = torch.full((m, n), float("nan"), dtype=out_dtype)  # poisoned: every entry must be written
-            got = lib.int8_mm(xin, codes, scale, out=out)
-            assert got is out and not torch.isnan(out).any(), (x_dtype, out_dtype)
-            if out_dtype == torch.float32:
-                # float32 accumulate in another order than F.linear's
-                torch.testing.assert_close(out, ref_x, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-            else:
-                # the float32 result rounded to bfloat16: at most one bfloat16 step from the
-                # reference rounded the same way (the sums differ in their last float32 bits)
-                step = ref_x.abs().clamp(min=1e-30) * 2.0 ** -7
-                assert ((out.float() - ref_x.to(torch.bfloat16).float()).abs() <= step + 1e-6).all()
+        # float32 accumulate in another order than F.linear's
+        _check_every_out_dtype(lambda out: lib.int8_mm(xin, codes, scale, out=out), ref_x,
+                               atol=1e-5 * ref.abs().max().item(), bf16_slack=1e-6)
     # without `out`, the result takes x's dtype
     assert lib.int8_mm(x.to(torch.bfloat16), codes, scale).dtype == torch.bfloat16
 
@@ -105,21 +110,15 @@ def test_int4_mm_matches_reference(libs, march, m, n, k, group):
         xin = x.to(x_dtype)
         # the kernel's math: activations rounded to bfloat16, float32 sums
         ref = F.linear(xin.to(torch.bfloat16).float(), deq)
-        for out_dtype in (torch.float32, torch.bfloat16):
-            out = torch.full((m, n), float("nan"), dtype=out_dtype)
-            got = lib.int4_mm(xin, w.tiles, w.scale, w.zero, group, out=out)
-            assert got is out and not torch.isnan(out).any(), (x_dtype, out_dtype)
-            if out_dtype == torch.float32:
-                # the zero point comes back out of sums of x times (q + 128): a few float32 steps of
-                # 128 * |x| * |scale| per input, ~1e-6 of the output
-                torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-5 * ref.abs().max().item())
-            else:
-                step = ref.abs().clamp(min=1e-30) * 2.0 ** -7
-                assert ((out.float() - ref.to(torch.bfloat16).float()).abs() <= step + 1e-5).all()
+        # the zero point comes back out of sums of x times (q + 128): a few float32 steps of
+        # 128 * |x| * |scale| per input, ~1e-6 of the output
+        _check_every_out_dtype(lambda out: lib.int4_mm(xin, w.tiles, w.scale, w.zero, group, out=out), ref,
+                               atol=2e-5 * ref.abs().max().item(), bf16_slack=1e-5)
 
 
 def test_int4_fast_loop_only_where_the_cpu_has_it(libs):
-    assert not libs["x86-64"].int4_fast if "x86-64" in libs else True
+    if "x86-64" in libs:
+        assert not libs["x86-64"].int4_fast
     if "native" in libs:
         assert libs["native"].int4_fast == ({"avx512_bf16", "avx512bw"} <= _cpu_flags())
 
