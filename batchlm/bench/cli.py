@@ -133,7 +133,8 @@ def _add_quality(sub) -> None:
     p.add_argument("--configs", default=QUALITY_CONFIGS,
                    metavar="C1,C2,...",
                    help="dtype names (float32, bfloat16, float16, auto) or quantization names "
-                        "(run with --dtype), each optionally +kv_<dtype> for the KV cache; "
+                        "(run with --dtype), each optionally +kv_<dtype> for the KV cache, and a "
+                        "quantization +dense_head (LM head unquantized) or +dense_layerN (layer N); "
                         "float32 always runs first")
     p.add_argument("--window", type=int, default=1024, help="tokens per scoring window")
     p.add_argument("--stride", type=int, default=512,

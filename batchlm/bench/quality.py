@@ -26,7 +26,8 @@ Config items (`parse_config`): a dtype name (float32, bfloat16, float16,
 auto) gives `dtype=`; any other word gives `quantization=<word>` with
 `dtype=--dtype`; a suffix `+kv_<dtype>` gives `kv_cache_dtype=<dtype>`, and
 `+dense_head` after a quantization keeps the embedding table and LM head
-unquantized (`lm_head: false`).
+unquantized (`lm_head: false`), and `+dense_layerN` decoder layer N
+(`dense_layers: [N]`; the suffix may repeat with other layers).
 
 This module imports only the standard library at import time; torch and the
 engine are imported inside the functions that need them.
@@ -94,25 +95,34 @@ def windows(num_tokens: int, window: int, stride: int) -> list[Span]:
 
 # ---- configs --------------------------------------------------------------------
 DENSE_HEAD = "dense_head"  # suffix: the embedding table and LM head stay unquantized (lm_head=False)
+DENSE_LAYER = "dense_layer"  # suffix dense_layerN: decoder layer N stays unquantized (dense_layers)
+
+
 def parse_config(item: str, dtype: str = "auto") -> dict:
     """One `--configs` item -> kwargs for `LLM(model, ...)`. Raises ValueError
     on a malformed item (not on an unknown quantization: the engine decides)."""
     base, *suffixes = item.strip().split("+")
-    if not base or len(suffixes) > 2 or len(set(suffixes)) < len(suffixes):
-        raise ValueError(f"config {item!r}: expected WORD, WORD+kv_DTYPE or WORD+dense_head")
+    if not base or len(set(suffixes)) < len(suffixes):
+        raise ValueError(f"config {item!r}: expected WORD, then +kv_DTYPE, +{DENSE_HEAD} or +{DENSE_LAYER}N")
     kwargs = {"dtype": base} if base in DTYPES else {"quantization": base, "dtype": dtype}
+    changes: dict = {}
     for suffix in suffixes:
+        layer = suffix.removeprefix(DENSE_LAYER)
         if suffix == DENSE_HEAD and "quantization" in kwargs:
-            import dataclasses
-
-            from batchlm.quantization.config import parse_quantization
-
-            kwargs["quantization"] = dataclasses.replace(parse_quantization(base), lm_head=False)
+            changes["lm_head"] = False
+        elif layer != suffix and "quantization" in kwargs and layer.lstrip("-").isdigit():
+            changes["dense_layers"] = (*changes.get("dense_layers", ()), int(layer))
         elif suffix.startswith("kv_") and len(suffix) > 3 and "kv_cache_dtype" not in kwargs:
             kwargs["kv_cache_dtype"] = suffix[3:]
         else:
-            raise ValueError(f"config {item!r}: a suffix is one +kv_<dtype> or +{DENSE_HEAD} "
-                             f"(after a quantization), got +{suffix}")
+            raise ValueError(f"config {item!r}: a suffix is one +kv_<dtype>, or after a quantization "
+                             f"+{DENSE_HEAD} or +{DENSE_LAYER}N, got +{suffix}")
+    if changes:
+        import dataclasses
+
+        from batchlm.quantization.config import parse_quantization
+
+        kwargs["quantization"] = dataclasses.replace(parse_quantization(base), **changes)
     return kwargs
 
 

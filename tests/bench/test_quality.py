@@ -56,8 +56,11 @@ def test_parse_configs():
     assert (head["quantization"].method, head["quantization"].lm_head) == ("fp8", False)
     g64 = q.parse_config("int4_g64+dense_head")["quantization"]
     assert (g64.method, g64.group_size, g64.lm_head) == ("int4", 64, False)
+    dense = q.parse_config("fp8+dense_head+dense_layer0+dense_layer-1", "bfloat16")["quantization"]
+    assert (dense.method, dense.lm_head, dense.dense_layers) == ("fp8", False, (0, -1))
     for bad in ["", "+kv_bfloat16", "int8+bfloat16", "int8+kv_", "int8+kv_a+kv_b", "bfloat16+dense_head",
-                "int8+dense_head+dense_head"]:
+                "int8+dense_head+dense_head", "int8+dense_layer", "int8+dense_layerx", "bfloat16+dense_layer0",
+                "int8+dense_layer1+dense_layer1"]:
         with pytest.raises(ValueError):
             q.parse_config(bad)
     # float32 is the reference: always first, never twice.

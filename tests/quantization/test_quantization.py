@@ -21,6 +21,7 @@ KV = 1 << 22
     (None, None), ("none", None), ("int8", QuantConfig("int8")),
     ("int4_g128", QuantConfig("int4", 128)), ("int8_dynamic", QuantConfig("int8_dynamic")),
     ({"method": "int4", "group_size": 32, "lm_head": False}, QuantConfig("int4", 32, False)),
+    ({"method": "fp8", "lm_head": False, "dense_layers": [0, -1]}, QuantConfig("fp8", None, False, (0, -1))),
 ])
 def test_parse_quantization(value, want):
     assert parse_quantization(value) == want
@@ -31,6 +32,9 @@ def test_parse_quantization(value, want):
     ({"method": "int8", "group_size": 32}, "applies to int4 only"),
     ({"method": "int4", "bits": 4}, "unknown key(s) bits"), ({"group_size": 32}, "needs a 'method' key"),
     ({"method": "int4", "lm_head": "no"}, "lm_head must be true or false"), (4, "quantization must be"),
+    ({"method": "fp8", "dense_layers": "0"}, "dense_layers must be a list"),
+    ({"method": "fp8", "dense_layers": [0, 0]}, "dense_layers must be a list of distinct"),
+    ({"method": "fp8", "dense_layers": [True]}, "dense_layers must be a list"),
 ])
 def test_bad_quantization_is_named(value, words):
     with pytest.raises(ValueError, match="quantization") as e:
@@ -113,6 +117,7 @@ def _force(module, kernel):
     (LlamaConfig, "int4_g32", qm.int4_dequant_mm),
     (Qwen2Config, "int4", qm.int4_dequant_mm),  # q/k/v biases stay float
     (LlamaConfig, {"method": "int8", "lm_head": False}, qm.int8_dequant_mm),
+    (LlamaConfig, {"method": "int4", "dense_layers": [-1]}, qm.int4_dequant_mm),  # the last layer stays float
 ])
 def test_quantized_engine_matches_transformers_on_dequantized_weights(tmp_path, arch, method, kernel):
     extra = dict(tie_word_embeddings=False) if arch is Qwen2Config else {}
@@ -121,8 +126,11 @@ def test_quantized_engine_matches_transformers_on_dequantized_weights(tmp_path, 
     module = llm.engine.model
     _force(module, kernel)
     n_quant = sum(isinstance(m, (QuantLinear, QuantEmbedding)) for m in module.modules())
-    lm_head = not isinstance(method, dict)
-    assert n_quant == 4 * 2 + (2 if lm_head else 0)  # embedding + LM head (shared when tied)
+    spec = method if isinstance(method, dict) else {}
+    quantized_layers = 2 - len(spec.get("dense_layers", []))
+    assert n_quant == 4 * quantized_layers + (2 if spec.get("lm_head", True) else 0)  # embedding + LM head (tied)
+    if spec.get("dense_layers"):
+        assert isinstance(module.model.layers[1].mlp.down_proj, torch.nn.Linear)
     ref = _load_into_hf(AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval(), module)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 23, 41)]
@@ -131,6 +139,12 @@ def test_quantized_engine_matches_transformers_on_dequantized_weights(tmp_path, 
     assert [list(o.outputs[0].token_ids) for o in outs] == want
     # and the quantization did something: the original weights give other logits
     assert not torch.allclose(ref.model.layers[0].mlp.down_proj.weight, hf.model.layers[0].mlp.down_proj.weight)
+
+
+def test_dense_layers_out_of_range_is_named(tmp_path):
+    d, _ = tiny_model_dir(tmp_path, LlamaConfig)
+    with pytest.raises(ValueError, match=r"dense_layers: \[2\] out of range for a model of 2 layers"):
+        LLM(d, dtype="float32", quantization={"method": "int8", "dense_layers": [0, 2]}, kv_cache_memory=KV)
 
 
 def test_quantized_kernels_chosen_by_plan_stay_close(tmp_path):
