@@ -2,7 +2,7 @@
 
 Contract
 --------
-`library() -> NativeLib | None`: the kernels of kernels/native/gemv.c, compiled
+`library() -> NativeLib | None`: the kernels of kernels/native/*.c, compiled
 for this CPU (`-march=native`, OpenMP) into `<cache>/native/<key>.so` and
 loaded with ctypes; None where they cannot be built (no compiler, a failed
 build, BATCHLM_NATIVE_KERNELS=0), with the reason in `unavailable_reason()`
@@ -19,8 +19,9 @@ computes `x @ (codes * scale[:, None]).T` in float32, x and the result in
 float32 or bfloat16; `NativeLib.int4_mm(x, tiles, scale, zero, group_size)`
 the same for 4-bit codes in gemv.c's tile layout (`int4_fast`: whether this
 build has the AVX-512 BF16 loop; without it the plain C loop is correct but
-slow, and callers keep torch's own int4 kernel); the kernel's own contract is in
-gemv.c. Callers (kernels/quant_matmul.py) own dtypes and packing; this
+slow, and callers keep torch's own int4 kernel), and `int4_dequant_t` that
+weight dequantized and transposed ([K, N], for matmuls of many rows); the
+kernels' own contracts are in gemv.c. Callers (kernels/quant_matmul.py) own dtypes and packing; this
 module knows nothing of models.
 
 NOTE: the library links the OpenMP runtime by its soname (libgomp.so.1), the
@@ -44,7 +45,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("native") / "gemv.c"
+NATIVE_DIR = Path(__file__).with_name("native")
+SOURCES = (NATIVE_DIR / "gemv.c", NATIVE_DIR / "layers.c")  # compiled together into one library
+HEADERS = (NATIVE_DIR / "common.h",)
 _DTYPES = (torch.float32, torch.bfloat16)
 CFLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 
@@ -69,7 +72,14 @@ class NativeLib:
                        ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int] * 5
         fn.restype = None
         self._int4_mm = fn
+        self._int4_dequant_t = _bind(lib.bl_int4_dequant_t, [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5)
         self.int4_fast = bool(lib.bl_int4_fast())  # the AVX-512 BF16 loop, not the plain C one
+        P, I, L, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
+        self._paged_attention = _bind(lib.bl_paged_attention, [P, I, L, P, L, P, L, P, P, P, I, L, I, P, L, P,
+                                                               P, P, I, I, I, I, I, F, I, I])
+        self._add_rms_norm = _bind(lib.bl_add_rms_norm, [P, L, P, L, P, P, L, I, I, I, F, I])
+        self._rotary = _bind(lib.bl_rotary, [P, L, P, P, P, P, I, I, I, I, I, I])
+        self._silu_mul = _bind(lib.bl_silu_mul, [P, L, P, I, I, I, I])
 
     def int8_mm(self, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
                 out: torch.Tensor | None = None) -> torch.Tensor:
@@ -107,6 +117,64 @@ class NativeLib:
         return out
 
 
+    def int4_dequant_t(self, tiles: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                       dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The int4_mm weight dequantized and transposed: [K, N] in dtype (float32 or bfloat16), or
+        into `out` (contiguous, of that shape and dtype)."""
+        n, k = tiles.shape[0] * 16, tiles.shape[1] * 8
+        wt = torch.empty(k, n, dtype=dtype) if out is None else out
+        if wt.shape != (k, n) or wt.dtype != dtype or dtype not in _DTYPES or not wt.is_contiguous():
+            raise ValueError(f"out must be a contiguous {dtype} [{k}, {n}] (float32 or bfloat16)")
+        self._int4_dequant_t(tiles.data_ptr(), scale.data_ptr(), zero.data_ptr(), wt.data_ptr(),
+                             dtype is torch.bfloat16, n, k, group_size, torch.get_num_threads())
+        return wt
+
+    # ---- layers.c: a decode step's small ops (callers: kernels/cpu_layers.py) ---------
+    # NOTE: arguments are not checked here (hot path); the callers pass contiguous rows of the
+    # dtypes named, as layers.c's contract states.
+    def paged_attention(self, q, k, v, slots, k_cache, v_cache, tables, seq_lens, query_start, out,
+                        scale: float, window: int | None) -> None:
+        """layers.c's bl_paged_attention: q [T, H, D], k and v [T, KVH, D] (rows with a head stride
+        of D; k None: nothing written), slots [T], caches [KVH, NB, bs, D], tables [S, >= blocks],
+        seq_lens [S] and query_start [S + 1] int64, out [T, H, D] contiguous in q's dtype."""
+        T, H, D = q.shape
+        KVH, NB, bs = k_cache.shape[:3]
+        w = k is not None
+        self._paged_attention(q.data_ptr(), q.dtype is torch.bfloat16, q.stride(0), k.data_ptr() if w else None,
+                              k.stride(0) if w else 0, v.data_ptr() if w else None, v.stride(0) if w else 0,
+                              slots.data_ptr() if w else None, k_cache.data_ptr(), v_cache.data_ptr(),
+                              k_cache.dtype is torch.bfloat16, NB, bs, tables.data_ptr(), tables.stride(0),
+                              seq_lens.data_ptr(), query_start.data_ptr(), out.data_ptr(), T, seq_lens.shape[0],
+                              H, KVH, D, scale, window or 0, torch.get_num_threads())
+
+    def add_rms_norm(self, x, residual, weight, out, eps: float) -> None:
+        """layers.c's bl_add_rms_norm over rows [N, dim] (unit last stride), all of one dtype."""
+        n, dim = x.shape
+        self._add_rms_norm(x.data_ptr(), x.stride(0), residual.data_ptr() if residual is not None else None,
+                           residual.stride(0) if residual is not None else 0, weight.data_ptr(),
+                           out.data_ptr(), out.stride(0), x.dtype is torch.bfloat16, n, dim, eps,
+                           torch.get_num_threads())
+
+    def rotary(self, x, positions, cos, sin, out) -> None:
+        """layers.c's bl_rotary: x [T, heads, D] (head stride D), positions [T] int64, half-width
+        tables cos, sin [max_positions, rot / 2] in x's dtype, out [T, heads, D] contiguous."""
+        T, heads, D = x.shape
+        self._rotary(x.data_ptr(), x.stride(0), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                     out.data_ptr(), x.dtype is torch.bfloat16, T, heads, D, 2 * cos.shape[1],
+                     torch.get_num_threads())
+
+    def silu_mul(self, gate_up, out) -> None:
+        """layers.c's bl_silu_mul: gate_up [N, 2I] (unit last stride) -> out [N, I] contiguous."""
+        n, inter = out.shape
+        self._silu_mul(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), gate_up.dtype is torch.bfloat16,
+                       n, inter, torch.get_num_threads())
+
+
+def _bind(fn, argtypes):
+    fn.argtypes, fn.restype = argtypes, None
+    return fn
+
+
 def _cpu_identity() -> str:
     model, flags = platform.machine(), ""
     try:
@@ -121,7 +189,7 @@ def _cpu_identity() -> str:
 
 
 def build(out_dir: Path, march: str = "native", compiler: str | None = None) -> Path:
-    """Compile gemv.c for `march` into out_dir (cached by key); returns the .so path.
+    """Compile the SOURCES for `march` into out_dir (cached by key); returns the .so path.
     Raises RuntimeError with the compiler's message when the build fails."""
     cc = compiler or os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if not cc:
@@ -131,7 +199,7 @@ def build(out_dir: Path, march: str = "native", compiler: str | None = None) -> 
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"C compiler {cc} does not run: {e}") from e
-    source = SOURCE.read_bytes()
+    source = b"|".join(p.read_bytes() for p in (*SOURCES, *HEADERS))
     key = hashlib.sha256(b"|".join([source, " ".join(flags).encode(), version.encode(),
                                     _cpu_identity().encode()])).hexdigest()[:16]
     path = out_dir / f"gemv-{key}.so"
@@ -143,10 +211,11 @@ def build(out_dir: Path, march: str = "native", compiler: str | None = None) -> 
     fd, tmp = tempfile.mkstemp(prefix=".gemv.", suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True,
-                              timeout=300)
+        proc = subprocess.run([cc, *flags, *map(str, SOURCES), "-lm", "-o", tmp], capture_output=True,
+                              text=True, timeout=300)
         if proc.returncode:
-            raise RuntimeError(f"{cc} failed on {SOURCE.name}: {proc.stderr.strip()[-2000:]}")
+            names = ", ".join(p.name for p in SOURCES)
+            raise RuntimeError(f"{cc} failed on {names}: {proc.stderr.strip()[-2000:]}")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -54,8 +54,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model's layers (LLM(compile_model=True))")
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
-                   help="kernels: triton = Triton attention + layer kernels (CUDA; CPU: interpreter)")
+    # NOTE: kernels.dispatch.ATTENTION_BACKENDS (not imported here: torch); a test keeps them equal.
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton", "native"],
+                   help="kernels: triton = Triton attention + layer kernels (CUDA; CPU: interpreter); native = "
+                        "batchlm's C kernels (CPU); torch = the PyTorch references; auto: triton on CUDA, native "
+                        "on the CPU")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps (CUDA)")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON here")
     p.set_defaults(argv=None)

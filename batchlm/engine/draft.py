@@ -40,6 +40,7 @@ class _DraftView:
     token_ids: list[int]
     num_computed_tokens: int
     block_table: list[int]
+    num_prompt_tokens: int  # the sequence's: its decodes are the rows past it (model_runner._is_decode)
     spec_token_ids: list[int] = field(default_factory=list)
 
     @property
@@ -60,7 +61,7 @@ class DraftProposer:
     def load(cls, spec, dtype, device, attention_backend: str, target_tokenizer,
              target_vocab_size: int, layer_kernels: bool = False) -> "DraftProposer":
         attention = get_attention_backend(device, attention_backend)
-        layers = get_layer_kernels(device, attention_backend) if layer_kernels else None
+        layers = get_layer_kernels(device, attention_backend, dtype) if layer_kernels else None
         try:
             loaded = load_model(spec.model, dtype, device, attention, None, layers)
         except (OSError, ValueError) as e:
@@ -94,7 +95,7 @@ class DraftProposer:
         step = []
         for seq, k in active:
             start = min(seq.draft_computed_tokens, seq.num_tokens - 1)
-            view = _DraftView(list(seq.token_ids), start, seq.block_table)
+            view = _DraftView(list(seq.token_ids), start, seq.block_table, seq.num_prompt_tokens)
             views[seq] = view
             step.append((view, seq.num_tokens - start))
         for j in range(max(k for _, k in active)):

@@ -59,7 +59,7 @@ class LLMEngine:
         self.device = device
         attention = get_attention_backend(device, config.attention_backend, kv_dtype)
         # NOTE: compile_model fuses the layer ops itself: the PyTorch code then (layer kernels None).
-        layers = None if config.compile_model else get_layer_kernels(device, config.attention_backend)
+        layers = None if config.compile_model else get_layer_kernels(device, config.attention_backend, dtype)
         loaded = load_model(config.model, dtype, device, attention, config.quantization, layers)
         self.loaded = loaded  # what was loaded: quantization, kernel plan, weight source
         self.model = loaded.module

@@ -35,6 +35,15 @@ class RunResult:
     layout: list[LayoutEntry]  # batch order
 
 
+def _is_decode(seq, n: int) -> bool:
+    """One query token past the prompt. NOTE: a prompt's last token alone (after a prefix-cache hit on
+    the rest, or at a chunk boundary) is a prompt chunk of one, not a decode: the attention backends
+    compute decodes and prompt chunks with different kernels (kernels/cpu_layers.py), and a prompt
+    token then goes through the prompt kernel with or without a cache hit (its result can still
+    differ in the last float bits: the linear layers' matmuls round by row count)."""
+    return n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens
+
+
 class ModelRunner:
     def __init__(self, model, attention, num_layers: int, num_kv_heads: int, head_dim: int,
                  num_blocks: int, block_size: int, kv_dtype: torch.dtype, device: torch.device):
@@ -57,10 +66,11 @@ class ModelRunner:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * elem
 
     def _prepare(self, scheduled):
-        # NOTE: decodes (one query token) first, then longer chunks: the
-        # attention backend relies on this order. Decodes go longest first so
-        # that neighbours have similar lengths (less padding when gathered).
-        order = sorted(scheduled, key=lambda sn: (sn[1] != 1, -sn[0].num_tokens if sn[1] == 1 else 0))
+        # NOTE: decodes first, then prompt chunks: the attention backend relies
+        # on this order. Decodes go longest first so that neighbours have
+        # similar lengths (less padding when gathered). A decode is one query
+        # token past the prompt (_is_decode).
+        order = sorted(scheduled, key=lambda sn: (not _is_decode(*sn), -sn[0].num_tokens if _is_decode(*sn) else 0))
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -73,7 +83,7 @@ class ModelRunner:
         for seq, n in order:
             c = seq.num_computed_tokens
             layout.append(LayoutEntry(seq, n, len(input_ids)))
-            if n == 1:
+            if _is_decode(seq, n):
                 num_decodes += 1
                 input_ids.append(seq.token_ids[c])
                 positions.append(c)
@@ -128,7 +138,7 @@ class ModelRunner:
     def _graph_step(self, scheduled) -> RunResult | None:
         """The step through a CUDA graph, or None when it cannot take one."""
         g = self.graphs
-        if (not g.fits(len(scheduled)) or any(n != 1 for _, n in scheduled)
+        if (not g.fits(len(scheduled)) or not all(_is_decode(seq, n) for seq, n in scheduled)
                 or any(len(seq.block_table) > g.width for seq, _ in scheduled)):
             return None
         order = sorted((seq for seq, _ in scheduled), key=lambda s: -s.num_tokens)  # as _prepare

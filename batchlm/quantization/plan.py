@@ -56,7 +56,7 @@ from batchlm.kernels import quant_matmul as qm
 CANDIDATES = {
     "int8": (qm.int8_native_mm, qm.int8_pack_mm, qm.int8_dequant_scaled_mm, qm.int8_dequant_mm),
     "int8_dynamic": (qm.int8_dynamic_mm,),
-    "int4": (qm.int4_native_mm, qm.int4_pack_mm, qm.int4_dequant_mm),
+    "int4": (qm.int4_native_mm, qm.int4_pack_mm, qm.int4_native_dequant_mm, qm.int4_dequant_mm),
     "fp8": (qm.fp8_scaled_mm,),
 }
 BY_NAME = {fn.__name__: fn for fns in CANDIDATES.values() for fn in fns}

@@ -24,62 +24,15 @@
  * 17.8 GB/s; 15.8 with an L1 prefetch 8 KB ahead, ~13 without any; within
  * the L3 (60 weights, 106 MB) 36 GB/s.
  */
-#include <stdint.h>
-#include <stddef.h>
-#include <stdlib.h>
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#endif
+#include "common.h"
 
 #define RB 4             /* output channels per block */
 #define PREFETCH 4096    /* bytes ahead in the weight stream, fetched into L2 */
 
-#if defined(__AVX512F__)
-#define VW 16
-#define MB 4
-typedef __m512 vf;
-static inline vf vzero(void) { return _mm512_setzero_ps(); }
-static inline vf vload(const float *p) { return _mm512_loadu_ps(p); }
-static inline vf vload_i8(const int8_t *p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-}
-static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
-static inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
-#define HAVE_VEC 1
-#elif defined(__AVX2__) && defined(__FMA__)
-#define VW 8
-#define MB 2
-typedef __m256 vf;
-static inline vf vzero(void) { return _mm256_setzero_ps(); }
-static inline vf vload(const float *p) { return _mm256_loadu_ps(p); }
-static inline vf vload_i8(const int8_t *p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
-static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
-static inline float vsum(vf a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-#define HAVE_VEC 1
+#if defined(__AVX512F__) || !HAVE_VEC
+#define MB 4             /* rows of x per block */
 #else
-#define HAVE_VEC 0
-#endif
-
-static inline float bf16_to_f32(uint16_t h) {
-    union { uint32_t u; float f; } v = { (uint32_t)h << 16 };
-    return v.f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch */
-    union { float f; uint32_t u; } v = { f };
-    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);  /* NaN stays NaN */
-    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
-}
-
-#if !HAVE_VEC
-#define MB 4
+#define MB 2
 #endif
 
 /* sum_k x[k] * w[k] over k0..K-1, one at a time (the tails the vector loops leave) */
@@ -136,11 +89,6 @@ static void int8_block_mb(const float *x, const int8_t *w, const float *scale,
     }
 }
 
-static inline void store(void *y, int y_bf16, size_t i, float v) {
-    if (y_bf16) ((uint16_t *)y)[i] = f32_to_bf16(v);
-    else ((float *)y)[i] = v;
-}
-
 /* x: float32, or bfloat16 when x_bf16 (widened once into a float32 copy); y likewise */
 void bl_int8_mm(const void *x_in, int x_bf16, const int8_t *w, const float *scale, void *y,
                 int y_bf16, int M, int N, int K, int threads) {
@@ -162,12 +110,12 @@ void bl_int8_mm(const void *x_in, int x_bf16, const int8_t *w, const float *scal
                 float res[MB][RB];
                 int8_block_mb(x + (size_t)m0 * K, w, scale, mb, K, n, res);
                 for (int m = 0; m < mb; m++)
-                    for (int r = 0; r < RB; r++) store(y, y_bf16, (size_t)(m0 + m) * N + n + r, res[m][r]);
+                    for (int r = 0; r < RB; r++) st(y, y_bf16, (size_t)(m0 + m) * N + n + r, res[m][r]);
             }
         } else {  /* the last N % RB channels */
             for (int m = 0; m < M; m++)
                 for (int nn = n; nn < N; nn++)
-                    store(y, y_bf16, (size_t)m * N + nn, dot_i8(x + (size_t)m * K, w + (size_t)nn * K, 0, K) * scale[nn]);
+                    st(y, y_bf16, (size_t)m * N + nn, dot_i8(x + (size_t)m * K, w + (size_t)nn * K, 0, K) * scale[nn]);
         }
     }
     free(xw);
@@ -312,9 +260,49 @@ void bl_int4_mm(const void *x_in, int x_bf16, const uint8_t *w, const uint16_t *
                 }
 #endif
             for (int m = 0; m < mb; m++)
-                for (int r = 0; r < 16; r++) store(y, y_bf16, (size_t)(m0 + m) * N + b * 16 + r, res[m][r]);
+                for (int r = 0; r < 16; r++) st(y, y_bf16, (size_t)(m0 + m) * N + b * 16 + r, res[m][r]);
         }
     }
     free(xb);
     free(xs);
+}
+
+
+/*   bl_int4_dequant_t(w, scale, zero, wt, wt_bf16, N, K, G, threads)
+ *     The same weight dequantized and transposed, for a matmul of many rows
+ *     (x @ wt in oneDNN's bf16 or float32 kernels, AMX where the CPU has it):
+ *     wt[k, n] = scale[n, g] * q[n, k] + zero[n, g], g = k / G, wt [K, N]
+ *     row-major, float32 or bfloat16 (rounded once, to nearest even).
+ *     Transposed because a tile's 16 channels of one input are then one
+ *     contiguous run of wt: 8 vector stores per 64-byte tile. */
+void bl_int4_dequant_t(const uint8_t *w, const uint16_t *scale, const uint16_t *zero, void *wt, int wt_bf16,
+                       int N, int K, int G, int threads) {
+    const int NG = K / G, KT = K / 8, blocks = N / 16;
+    #pragma omp parallel for schedule(static) num_threads(threads) collapse(2)
+    for (int b = 0; b < blocks; b++)
+        for (int t = 0; t < KT; t++) {
+            int g = (8 * t) / G;
+            const uint16_t *sb = scale + ((size_t)b * NG + g) * 16, *zb = zero + ((size_t)b * NG + g) * 16;
+#if INT4_FAST
+            /* lane r: word 2r (input pair member p = 0) in its low 16 bits, word 2r + 1 in the high */
+            __m512i v = _mm512_loadu_si512((const void *)(w + ((size_t)b * KT + t) * 64));
+            __m512 sv = vload_bf16(sb), zv = vload_bf16(zb);
+            for (int p = 0; p < 2; p++)
+                for (int i = 0; i < 4; i++) {
+                    __m512i q = _mm512_and_si512(_mm512_srlv_epi32(v, _mm512_set1_epi32(16 * p + 4 * i)),
+                                                 _mm512_set1_epi32(15));
+                    __m512 val = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), sv, zv);
+                    size_t at = (size_t)(8 * t + 2 * i + p) * N + (size_t)b * 16;
+                    if (wt_bf16) _mm256_storeu_si256((__m256i *)((uint16_t *)wt + at), (__m256i)_mm512_cvtneps_pbh(val));
+                    else _mm512_storeu_ps((float *)wt + at, val);
+                }
+#else
+            for (int kk = 0; kk < 8; kk++)
+                for (int r = 0; r < 16; r++) {
+                    int k = 8 * t + kk;
+                    float val = bf16_to_f32(sb[r]) * (float)int4_code(w, K, b * 16 + r, k) + bf16_to_f32(zb[r]);
+                    st(wt, wt_bf16, (size_t)k * N + (size_t)b * 16 + r, val);
+                }
+#endif
+        }
 }

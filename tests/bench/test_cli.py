@@ -53,3 +53,13 @@ def test_extension_hook(monkeypatch):
     monkeypatch.setattr(cli, "EXTRA_BENCH_MODULES", ("fake_bench_ext", "not_a_module_xyz.bench"))
     args = cli.build_parser().parse_args(["bench", "pipeline"])
     assert args.func(args) == 7
+
+
+def test_attention_backend_choices_are_the_engines():
+    from batchlm.kernels.dispatch import ATTENTION_BACKENDS
+
+    p = cli.build_parser()
+    for name in ATTENTION_BACKENDS:
+        assert p.parse_args(["bench", "throughput", "--attention-backend", name]).attention_backend == name
+    with pytest.raises(SystemExit):
+        p.parse_args(["bench", "throughput", "--attention-backend", "cuda"])

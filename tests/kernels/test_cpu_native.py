@@ -116,6 +116,26 @@ def test_int4_mm_matches_reference(libs, march, m, n, k, group):
                                atol=2e-5 * ref.abs().max().item(), bf16_slack=1e-5)
 
 
+@pytest.mark.parametrize("march", MARCHES)
+@pytest.mark.parametrize("m,n,k,group", INT4_SHAPES)
+def test_int4_dequant_t_matches_reference(libs, march, m, n, k, group):
+    """The weight dequantized and transposed, every entry written (over a poisoned buffer), float32
+    within one rounding of the reference's (the kernel fuses scale * q + zero), bfloat16 within one
+    bfloat16 step."""
+    lib = libs[march]
+    w, _ = _int4_case(m, n, k, group, seed=m * 100 + n + k + 1)
+    ref = qm.dequantize_int4(w).t()  # [K, N] float32
+    for dtype in (torch.float32, torch.bfloat16):
+        out = torch.full((k, n), float("nan"), dtype=dtype)
+        got = lib.int4_dequant_t(w.tiles, w.scale, w.zero, group, dtype, out=out)
+        assert got is out and not torch.isnan(got).any()
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, ref, rtol=2e-7, atol=1e-6 * ref.abs().max().item())
+        else:
+            step = ref.abs().clamp(min=1e-30) * 2.0 ** -7
+            assert ((got.float() - ref).abs() <= step + 1e-6).all()
+
+
 def test_int4_fast_loop_only_where_the_cpu_has_it(libs):
     if "x86-64" in libs:
         assert not libs["x86-64"].int4_fast
@@ -155,7 +175,7 @@ def test_build_failures_name_the_problem(tmp_path):
     fake = tmp_path / "cc"
     fake.write_text("#!/bin/sh\necho 'fake cc 1.0'\n[ \"$1\" = --version ] && exit 0\necho 'error: broken' >&2\nexit 1\n")
     fake.chmod(0o755)
-    with pytest.raises(RuntimeError, match="failed on gemv.c: error: broken"):
+    with pytest.raises(RuntimeError, match="failed on gemv.c, layers.c: error: broken"):
         cpu_native.build(tmp_path / "out", compiler=str(fake))
     assert not list((tmp_path / "out").iterdir())  # the failed build left nothing behind
 

@@ -71,12 +71,14 @@ def test_int4_kernels_match_reference(dtype, m, n, k, group):
     kernels = [(qm.int4_dequant_mm, TOL[dtype])]
     if qm.available(qm.int4_native_mm, torch.device("cpu"), t):  # tests/kernels/test_cpu_native.py says why not
         kernels.append((qm.int4_native_mm, TOL[torch.bfloat16]))
+        kernels.append((qm.int4_native_dequant_mm, TOL[dtype]))
     for kernel, tol in kernels:
         out = kernel(x, t)
         assert out.dtype == dtype and out.shape == (m, n)
         assert _rel(out, ref_t) < tol, kernel.__name__
     assert not qm.available(qm.int4_pack_mm, torch.device("cpu"), t)  # each kernel reads its own layout
     assert not qm.available(qm.int4_native_mm, torch.device("cpu"), p)
+    assert not qm.available(qm.int4_native_dequant_mm, torch.device("cpu"), p)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

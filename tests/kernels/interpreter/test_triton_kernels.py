@@ -82,8 +82,11 @@ def test_dispatch(monkeypatch):
     assert isinstance(get_attention_backend("cuda", "auto", torch.float8_e4m3fn), TorchPagedAttention)
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         get_attention_backend("cpu", "triton", torch.float8_e4m3fn)
-    # the layer kernels follow the same switch: None (the models' own code) unless Triton is chosen
-    assert get_layer_kernels("cpu") is None and get_layer_kernels("cpu", "torch") is None
+    # the layer kernels follow the same switch: None (the models' own code) under torch; auto on the CPU
+    # gives the native kernels where they built (tests/kernels/test_cpu_layers.py)
+    from batchlm.kernels import cpu_native
+    assert get_layer_kernels("cpu", "torch") is None
+    assert (get_layer_kernels("cpu") is None) == (cpu_native.library() is None)
     assert isinstance(get_layer_kernels("cuda", "auto"), TritonLayerKernels)  # auto: Triton on CUDA
     assert isinstance(get_layer_kernels("cpu", "triton"), TritonLayerKernels)
     with pytest.raises(ValueError, match="attention backend"):
