@@ -25,6 +25,13 @@ def libs(tmp_path_factory):
     return {march: cpu_native.NativeLib(cpu_native.build(out, march=march)) for march in MARCHES}
 
 
+def _into_poisoned(shape, dtype, call):
+    """call(out) into an output filled with NaN first (assert_close then sees any entry left unwritten)."""
+    out = torch.full(shape, float("nan"), dtype=dtype)
+    call(out)
+    return out
+
+
 def _lengths(n, lo, hi):
     rnd = random.SystemRandom()
     return [rnd.randrange(lo, hi) for _ in range(n)]
@@ -60,9 +67,9 @@ def test_paged_decode_matches_reference(libs, march, dtype, cache_dtype, step, G
     assert_close(out, ref, dtype if cache_dtype == dtype else torch.bfloat16, why)
     # the kernel itself, on every row (prompt rows too, which the backend leaves to the reference), writes
     # every element of its output (poisoned first); the decode rows are the backend's bits
-    poisoned = torch.full(q.shape, float("nan"), dtype=dtype)
-    libs[march].paged_attention(q, None, None, None, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                meta.query_start_loc, poisoned, scale, window)
+    poisoned = _into_poisoned(q.shape, dtype, lambda o: libs[march].paged_attention(
+        q, None, None, None, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, o, scale,
+        window))
     assert_close(poisoned, ref, dtype if cache_dtype == dtype else torch.bfloat16, why)
     nd = meta.num_decodes
     assert torch.equal(poisoned[:nd], out[:nd]), why
@@ -98,8 +105,7 @@ def test_a_decode_row_does_not_depend_on_its_batch(dtype):
 def test_add_rms_norm_matches_model(libs, march, dtype, residual, dim, N):
     seed, g = seeded()
     norm, x, res, ref_res, ref = rms_norm_case(dim, dtype, residual, N, g)
-    out = torch.full_like(x, float("nan"))
-    libs[march].add_rms_norm(x, res, norm.weight.data, out, norm.eps)
+    out = _into_poisoned(x.shape, dtype, lambda o: libs[march].add_rms_norm(x, res, norm.weight.data, o, norm.eps))
     why = f"seed={seed} dim={dim} N={N} {march}"
     if residual:
         assert torch.equal(res, ref_res), f"residual stream: {why}"  # one rounded add, as torch's
@@ -128,8 +134,7 @@ def test_rotary_matches_model(libs, march, dtype, head_dim, partial):
     positions = torch.randint(0, 512, (T,), generator=g)
     ref = rope.apply(x, *rope.lookup(positions))
     cos, sin = rope.tables(torch.device("cpu"))
-    out = torch.full(x.shape, float("nan"), dtype=dtype)
-    libs[march].rotary(x, positions, cos, sin, out)
+    out = _into_poisoned(x.shape, dtype, lambda o: libs[march].rotary(x, positions, cos, sin, o))
     why = f"seed={seed} head_dim={head_dim} partial={partial} {march}"
     assert_close(out, ref, dtype, why)
     assert_close(NativeLayerKernels(libs[march]).rotary(x, positions, cos, sin), ref, dtype, why)
@@ -144,8 +149,7 @@ def test_silu_mul_matches_model(libs, march, dtype, N, inter):
     gate_up = (torch.randn(N, 2 * inter + 4, generator=g) * 3).to(dtype)[:, :2 * inter]  # strided rows
     gate, up = gate_up.split(inter, dim=-1)
     ref = F.silu(gate) * up
-    out = torch.full((N, inter), float("nan"), dtype=dtype)
-    libs[march].silu_mul(gate_up, out)
+    out = _into_poisoned((N, inter), dtype, lambda o: libs[march].silu_mul(gate_up, o))
     why = f"seed={seed} N={N} inter={inter} {march}"
     assert_close(out, ref, dtype, why)
     assert_close(NativeLayerKernels(libs[march]).silu_and_mul(gate_up), ref, dtype, why)
