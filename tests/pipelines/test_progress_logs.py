@@ -63,10 +63,13 @@ def test_first_line_live_progress_inside_one_unit_and_quiet_stderr(tmp_path, tin
     rows = 120
     out = tmp_path / "out"
     # ONE unit (rows_per_shard > rows) and ONE engine call (batch_size > rows); one sequence at a
-    # time, each 200 tokens, so the unit takes about half a minute and rows finish all along it.
+    # time, each 400 tokens, so the unit takes about half a minute and rows finish all along it.
+    # NOTE: at 200 tokens (under max_model_len 256, ~190) the unit took ~12 s once the native CPU
+    # kernels came (~1900 output tok/s on a 2-core machine, 2026-11-27): too few 5-second progress
+    # lines inside it.
     job = tiny_job(tiny_model, str(out), input={"limit": rows}, task={"prompt": "Summarize: {{ text[:40] }}"},
-                   model={"max_num_seqs": 1},
-                   sampling={"max_tokens": 200, "ignore_eos": True},
+                   model={"max_num_seqs": 1, "max_model_len": 512},
+                   sampling={"max_tokens": 400, "ignore_eos": True},
                    resources={"batch_size": 1000}, output={"rows_per_shard": 1000})
     rc, seen = _watch(["run", write_yaml(tmp_path / "job.yaml", job)], tmp_path / "run.log", out, timeout=400)
     log = _env_line(seen)
