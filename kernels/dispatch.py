@@ -72,8 +72,8 @@ def _native_lib(device: torch.device, name: str | None, dtype: torch.dtype | Non
         return None
     if device.type != "cpu" or (dtype is not None and dtype not in NATIVE_DTYPES):
         if name == "native":
-            raise ValueError(f"attention_backend='native' runs on the CPU in float32 or bfloat16, not "
-                             f"{dtype or ''} on {device.type}".replace("  ", " "))
+            got = f"{dtype} on {device.type}" if dtype is not None else device.type
+            raise ValueError(f"attention_backend='native' runs on the CPU in float32 or bfloat16, not {got}")
         return None
     lib = cpu_native.library()
     if lib is None and name == "native":
