@@ -28,7 +28,7 @@ import torch
 from batchlm.kernels import cpu_native
 from batchlm.kernels.attention import TorchPagedAttention
 
-NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+NATIVE_DTYPES = cpu_native.DTYPES
 
 
 def _rows_ok(t: torch.Tensor) -> bool:

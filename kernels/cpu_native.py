@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 NATIVE_DIR = Path(__file__).with_name("native")
 SOURCES = (NATIVE_DIR / "gemv.c", NATIVE_DIR / "layers.c")  # compiled together into one library
 HEADERS = (NATIVE_DIR / "common.h",)
-_DTYPES = (torch.float32, torch.bfloat16)
+DTYPES = (torch.float32, torch.bfloat16)  # what the kernels read and write
 CFLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 
 
@@ -62,19 +62,11 @@ class NativeLib:
     def __init__(self, path: Path):
         self.path = path
         lib = ctypes.CDLL(str(path))
-        fn = lib.bl_int8_mm
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                       ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        fn.restype = None
-        self._int8_mm = fn
-        fn = lib.bl_int4_mm
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                       ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int] * 5
-        fn.restype = None
-        self._int4_mm = fn
-        self._int4_dequant_t = _bind(lib.bl_int4_dequant_t, [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5)
-        self.int4_fast = bool(lib.bl_int4_fast())  # the AVX-512 BF16 loop, not the plain C one
         P, I, L, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
+        self._int8_mm = _bind(lib.bl_int8_mm, [P, I, P, P, P, I, I, I, I, I])
+        self._int4_mm = _bind(lib.bl_int4_mm, [P, I, P, P, P, P, I, I, I, I, I, I])
+        self._int4_dequant_t = _bind(lib.bl_int4_dequant_t, [P, P, P, P, I, I, I, I, I])
+        self.int4_fast = bool(lib.bl_int4_fast())  # the AVX-512 BF16 loop, not the plain C one
         self._paged_attention = _bind(lib.bl_paged_attention, [P, I, L, P, L, P, L, P, P, P, I, L, I, P, L, P,
                                                                P, P, I, I, I, I, I, F, I, I])
         self._add_rms_norm = _bind(lib.bl_add_rms_norm, [P, L, P, L, P, P, L, I, I, I, F, I])
@@ -87,11 +79,11 @@ class NativeLib:
         codes int8 [N, K] and scale float32 [N], both contiguous (as quant_matmul.pack_int8 makes
         them; not checked here: this is the decode step's hot path, ~1.5 us of ctypes a call)."""
         m, k = x.shape
-        if x.dtype not in _DTYPES or not x.is_contiguous():
+        if x.dtype not in DTYPES or not x.is_contiguous():
             x = x.float().contiguous()
         if out is None:
             out = torch.empty(m, codes.shape[0], dtype=x.dtype)
-        elif out.shape != (m, codes.shape[0]) or out.dtype not in _DTYPES or not out.is_contiguous():
+        elif out.shape != (m, codes.shape[0]) or out.dtype not in DTYPES or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous float32 or bfloat16 [{m}, {codes.shape[0]}]")
         self._int8_mm(x.data_ptr(), x.dtype is torch.bfloat16, codes.data_ptr(), scale.data_ptr(),
                       out.data_ptr(), out.dtype is torch.bfloat16, m, codes.shape[0], k,
@@ -105,17 +97,16 @@ class NativeLib:
         all contiguous (as quant_matmul.pack_int4_tiles makes them; not checked here)."""
         m, k = x.shape
         n = tiles.shape[0] * 16
-        if x.dtype not in _DTYPES or not x.is_contiguous():
+        if x.dtype not in DTYPES or not x.is_contiguous():
             x = x.float().contiguous()
         if out is None:
             out = torch.empty(m, n, dtype=x.dtype)
-        elif out.shape != (m, n) or out.dtype not in _DTYPES or not out.is_contiguous():
+        elif out.shape != (m, n) or out.dtype not in DTYPES or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous float32 or bfloat16 [{m}, {n}]")
         self._int4_mm(x.data_ptr(), x.dtype is torch.bfloat16, tiles.data_ptr(), scale.data_ptr(),
                       zero.data_ptr(), out.data_ptr(), out.dtype is torch.bfloat16, m, n, k, group_size,
                       torch.get_num_threads())
         return out
-
 
     def int4_dequant_t(self, tiles: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
                        dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -123,7 +114,7 @@ class NativeLib:
         into `out` (contiguous, of that shape and dtype)."""
         n, k = tiles.shape[0] * 16, tiles.shape[1] * 8
         wt = torch.empty(k, n, dtype=dtype) if out is None else out
-        if wt.shape != (k, n) or wt.dtype != dtype or dtype not in _DTYPES or not wt.is_contiguous():
+        if wt.shape != (k, n) or wt.dtype != dtype or dtype not in DTYPES or not wt.is_contiguous():
             raise ValueError(f"out must be a contiguous {dtype} [{k}, {n}] (float32 or bfloat16)")
         self._int4_dequant_t(tiles.data_ptr(), scale.data_ptr(), zero.data_ptr(), wt.data_ptr(),
                              dtype is torch.bfloat16, n, k, group_size, torch.get_num_threads())

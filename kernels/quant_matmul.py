@@ -252,7 +252,7 @@ def int4_native_mm(x: torch.Tensor, w: Int4Tiles) -> torch.Tensor:
 def int4_native_dequant_mm(x: torch.Tensor, w: Int4Tiles) -> torch.Tensor:
     # NOTE: for prefill chunks. int4_dequant_mm unpacks the tiles with a dozen torch ops (a 256-token
     # prompt: 543 ms of prefill, against int8's 160); gemv.c writes the weight transposed in one pass.
-    dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+    dtype = x.dtype if x.dtype in cpu_native.DTYPES else torch.float32
     wt = cpu_native.library().int4_dequant_t(w.tiles, w.scale, w.zero, w.group_size, dtype)  # [K, Np]
     return _trim(torch.matmul(x.to(dtype), wt), w.n, x.dtype)
 

@@ -70,7 +70,7 @@ class ModelRunner:
         # on this order. Decodes go longest first so that neighbours have
         # similar lengths (less padding when gathered). A decode is one query
         # token past the prompt (_is_decode).
-        order = sorted(scheduled, key=lambda sn: (not _is_decode(*sn), -sn[0].num_tokens if _is_decode(*sn) else 0))
+        order = sorted(scheduled, key=lambda sn: (0, -sn[0].num_tokens) if _is_decode(*sn) else (1, 0))
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []

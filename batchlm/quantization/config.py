@@ -16,7 +16,7 @@ Anything else raises ValueError naming the field and the allowed values.
 too (on tied models they are one table); False keeps them in the model dtype.
 `dense_layers` (default none): decoder layers, by index (negative from the
 end), whose linear layers keep the model dtype: where one layer costs most
-of a method's quality (fp8: the first layer of the default model, README).
+of a method's quality (fp8: the last layer of the default model, README).
 `group_size` applies to int4 (32, 64, 128 or 256); int8 and fp8 use one scale
 per output channel.
 

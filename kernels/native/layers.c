@@ -89,15 +89,8 @@ static inline vf v_round(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NE
 static inline vf v_pow2(vf n) {  /* 2^n for integral n in the normal range */
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
 }
-#else
-static inline vf v_mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
-static inline vf v_clamp(vf x, float lo, float hi) { return _mm256_min_ps(_mm256_max_ps(x, vset1(lo)), vset1(hi)); }
-static inline vf v_round(vf x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-static inline vf v_pow2(vf n) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
-}
-#endif
-#if defined(__AVX512F__)
+static inline vf v_add(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf v_sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
 static inline vf v_div(vf a, vf b) { return _mm512_div_ps(a, b); }
 static inline vf v_round_bf16(vf x) {  /* to the nearest bfloat16, ties to even, as f32_to_bf16 (finite x) */
     __m512i u = _mm512_castps_si512(x);
@@ -106,6 +99,14 @@ static inline vf v_round_bf16(vf x) {  /* to the nearest bfloat16, ties to even,
     return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u)));
 }
 #else
+static inline vf v_mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf v_clamp(vf x, float lo, float hi) { return _mm256_min_ps(_mm256_max_ps(x, vset1(lo)), vset1(hi)); }
+static inline vf v_round(vf x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf v_pow2(vf n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+static inline vf v_add(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf v_sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
 static inline vf v_div(vf a, vf b) { return _mm256_div_ps(a, b); }
 static inline vf v_round_bf16(vf x) {
     __m256i u = _mm256_castps_si256(x);
@@ -126,7 +127,7 @@ static inline vf vexp(vf x) {
     p = vfma(p, r, vset1(1.6666665459e-1f));
     p = vfma(p, r, vset1(5.0000001201e-1f));
     vf y = vfma(v_mul(p, r), r, r);                    /* p r^2 + r */
-    y = vfma(vset1(1.f), vset1(1.f), y);               /* + 1 */
+    y = v_add(y, vset1(1.f));
     return v_mul(y, v_pow2(n));
 }
 #endif
@@ -138,9 +139,9 @@ static inline float softmax_exp(float *s, int n, float mx) {
 #if HAVE_VEC
     vf acc = vzero(), m = vset1(mx);
     for (; j + VW <= n; j += VW) {
-        vf e = vexp(vfma(vset1(-1.f), m, vload(s + j)));
+        vf e = vexp(v_sub(vload(s + j), m));
         vstore(s + j, e);
-        acc = vfma(e, vset1(1.f), acc);
+        acc = v_add(acc, e);
     }
     sum = vsum(acc);
 #endif
@@ -267,7 +268,7 @@ void bl_silu_mul(const void *gate_up, long g_stride, void *out, int bf16, int N,
             const void *gp = (const char *)gate_up + (go + i) * elt(bf16), *up = (const char *)gate_up + (go + I + i) * elt(bf16);
             vf g = bf16 ? vload_bf16((const uint16_t *)gp) : vload((const float *)gp);
             vf u = bf16 ? vload_bf16((const uint16_t *)up) : vload((const float *)up);
-            vf silu = v_div(g, vfma(vset1(1.f), vset1(1.f), vexp(v_mul(g, vset1(-1.f)))));
+            vf silu = v_div(g, v_add(vset1(1.f), vexp(v_sub(vzero(), g))));
             if (bf16) silu = v_round_bf16(silu);  /* torch rounds silu, then the product */
             vf prod = v_mul(silu, u);
             if (!bf16) {
