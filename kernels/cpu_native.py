@@ -16,7 +16,9 @@ write is refused, not loaded.
 
 `NativeLib.int8_mm(x [M, K], codes int8 [N, K], scale float32 [N]) -> [M, N]`
 computes `x @ (codes * scale[:, None]).T` in float32, x and the result in
-float32 or bfloat16; `NativeLib.int4_mm(x, tiles, scale, zero, group_size)`
+float32 or bfloat16 (a GEMV for a few rows); `NativeLib.int8_gemm` the same
+for many rows of bfloat16 x (gemm.c: `int8_gemm_fast` says whether this
+build has its AVX-512 BF16 loop); `NativeLib.int4_mm(x, tiles, scale, zero, group_size)`
 the same for 4-bit codes in gemv.c's tile layout (`int4_fast`: whether this
 build has the AVX-512 BF16 loop; without it the plain C loop is correct but
 slow, and callers keep torch's own int4 kernel), and `int4_dequant_t` that
@@ -46,7 +48,7 @@ import torch
 log = logging.getLogger(__name__)
 
 NATIVE_DIR = Path(__file__).with_name("native")
-SOURCES = (NATIVE_DIR / "gemv.c", NATIVE_DIR / "layers.c")  # compiled together into one library
+SOURCES = (NATIVE_DIR / "gemv.c", NATIVE_DIR / "gemm.c", NATIVE_DIR / "layers.c")  # compiled together into one library
 HEADERS = (NATIVE_DIR / "common.h",)
 DTYPES = (torch.float32, torch.bfloat16)  # what the kernels read and write
 CFLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
@@ -67,6 +69,8 @@ class NativeLib:
         self._int4_mm = _bind(lib.bl_int4_mm, [P, I, P, P, P, P, I, I, I, I, I, I])
         self._int4_dequant_t = _bind(lib.bl_int4_dequant_t, [P, P, P, P, I, I, I, I, I])
         self.int4_fast = bool(lib.bl_int4_fast())  # the AVX-512 BF16 loop, not the plain C one
+        self._int8_gemm = _bind(lib.bl_int8_gemm, [P, P, P, P, I, I, I, I, I], ctypes.c_int)
+        self.int8_gemm_fast = bool(lib.bl_int8_gemm_fast())  # likewise
         self._paged_attention = _bind(lib.bl_paged_attention, [P, I, L, P, L, P, L, P, P, P, I, L, I, P, L, P,
                                                                P, P, I, I, I, I, I, F, I, I])
         self._add_rms_norm = _bind(lib.bl_add_rms_norm, [P, L, P, L, P, P, L, I, I, I, F, I])
@@ -88,6 +92,23 @@ class NativeLib:
         self._int8_mm(x.data_ptr(), x.dtype is torch.bfloat16, codes.data_ptr(), scale.data_ptr(),
                       out.data_ptr(), out.dtype is torch.bfloat16, m, codes.shape[0], k,
                       torch.get_num_threads())
+        return out
+
+    def int8_gemm(self, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        """gemm.c's bl_int8_gemm: x [M, K] bfloat16 -> [M, N] bfloat16, or into `out` (float32 or
+        bfloat16). codes int8 [N, K] and scale float32 [N] contiguous (not checked: hot path).
+        For many rows; where `int8_gemm_fast` is False it is the plain C loop (slow)."""
+        m, k = x.shape
+        if x.dtype is not torch.bfloat16 or not x.is_contiguous():
+            x = x.to(torch.bfloat16).contiguous()
+        if out is None:
+            out = torch.empty(m, codes.shape[0], dtype=torch.bfloat16)
+        elif out.shape != (m, codes.shape[0]) or out.dtype not in DTYPES or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous float32 or bfloat16 [{m}, {codes.shape[0]}]")
+        if self._int8_gemm(x.data_ptr(), codes.data_ptr(), scale.data_ptr(), out.data_ptr(),
+                           out.dtype is torch.bfloat16, m, codes.shape[0], k, torch.get_num_threads()):
+            raise MemoryError(f"bl_int8_gemm: no memory for its panels ({m}x{k} @ {codes.shape[0]})")
         return out
 
     def int4_mm(self, x: torch.Tensor, tiles: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -161,8 +182,8 @@ class NativeLib:
                        n, inter, torch.get_num_threads())
 
 
-def _bind(fn, argtypes):
-    fn.argtypes, fn.restype = argtypes, None
+def _bind(fn, argtypes, restype=None):
+    fn.argtypes, fn.restype = argtypes, restype
     return fn
 
 

@@ -28,7 +28,10 @@ Packed forms (built from a batchlm.quantization GroupQuant by `pack_*`):
 Kernels, chosen per shape and batch size by batchlm.quantization (measured):
 - int8: `int8_native_mm` (kernels/native/gemv.c through kernels/cpu_native.py:
   a prefetching int8 GEMV for a few rows, float32 accumulate; only where the
-  library builds, see `available`), `int8_pack_mm` (aten._weight_int8pack_mm, bf16 activations),
+  library builds, see `available`), `int8_native_gemm` (kernels/native/gemm.c:
+  for many rows, the weight widened to bf16 a panel at a time in cache, then
+  AVX-512 BF16 dot products, float32 sums; bf16 models on CPUs with AVX-512
+  BF16 only, since it takes x in bf16), `int8_pack_mm` (aten._weight_int8pack_mm, bf16 activations),
   `int8_dequant_mm` (dequantize to the compute dtype, then F.linear, then the
   scales on the [M, N] output), `int8_dequant_scaled_mm` (the scales folded
   into the dequantized [N, K] weight: fewer products once M > K, e.g. prefill),
@@ -102,6 +105,10 @@ def dequantize_int8(w: Int8Packed) -> torch.Tensor:
 def int8_native_mm(x: torch.Tensor, w: Int8Packed) -> torch.Tensor:
     y = cpu_native.library().int8_mm(x, w.codes, w.scale)  # [M, N], float32 or bfloat16
     return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def int8_native_gemm(x: torch.Tensor, w: Int8Packed) -> torch.Tensor:
+    return cpu_native.library().int8_gemm(x, w.codes, w.scale)  # [M, N] bfloat16 (x is)
 
 
 def int8_pack_mm(x: torch.Tensor, w: Int8Packed) -> torch.Tensor:
@@ -287,7 +294,7 @@ def int4_rows(w: Int4Packed | Int4Tiles, rows: torch.Tensor, dtype: torch.dtype)
 
 # ---- where each runs ----------------------------------------------------------
 # ---- where each runs ----------------------------------------------------------
-NATIVE = ("int8_native_mm", "int4_native_mm", "int4_native_dequant_mm")  # need cpu_native's library, CPU tensors
+NATIVE = ("int8_native_mm", "int8_native_gemm", "int4_native_mm", "int4_native_dequant_mm")  # need cpu_native's library, CPU tensors
 LAYOUT = {"int4_native_mm": Int4Tiles, "int4_native_dequant_mm": Int4Tiles,
           "int4_pack_mm": Int4Packed}  # the packed form each reads
 
@@ -298,7 +305,11 @@ def available(fn, device: torch.device, packed=None) -> bool:
     if packed is not None and name in LAYOUT and not isinstance(packed, LAYOUT[name]):
         return False
     if name in NATIVE:
-        return device.type == "cpu" and cpu_native.library() is not None
+        lib = cpu_native.library() if device.type == "cpu" else None
+        if lib is None:
+            return False
+        if name == "int8_native_gemm":  # its AVX-512 BF16 loop only, on a bf16 model's weights
+            return lib.int8_gemm_fast and (packed is None or packed.scale_c.dtype == torch.bfloat16)
     return True
 
 

@@ -6,7 +6,8 @@ Contract
 sets `layer.kernels` on every QuantLinear in `layers` and returns the plan by
 shape. Layers with the same method, shape, group and dtype share one plan.
 Where a method has more than one kernel (int8: batchlm's native GEMV where
-it builds (kernels/cpu_native.py), the int8pack kernel or
+it builds (kernels/cpu_native.py), its native many-row kernel on bf16
+models where the CPU has AVX-512 BF16, the int8pack kernel or
 dequantize-then-matmul, with the scales on the output or on the weight;
 int4: batchlm's native GEMV on its own layout where the CPU has AVX-512
 BF16, else the int4pack kernel, or dequantize-then-matmul), each is timed at 1,
@@ -54,7 +55,8 @@ from batchlm.kernels import quant_matmul as qm
 # NOTE: the last kernel of each method works at every batch size; a layer uses
 # it until a plan is set.
 CANDIDATES = {
-    "int8": (qm.int8_native_mm, qm.int8_pack_mm, qm.int8_dequant_scaled_mm, qm.int8_dequant_mm),
+    "int8": (qm.int8_native_mm, qm.int8_native_gemm, qm.int8_pack_mm, qm.int8_dequant_scaled_mm,
+             qm.int8_dequant_mm),
     "int8_dynamic": (qm.int8_dynamic_mm,),
     "int4": (qm.int4_native_mm, qm.int4_pack_mm, qm.int4_native_dequant_mm, qm.int4_dequant_mm),
     "fp8": (qm.fp8_scaled_mm,),

@@ -88,6 +88,38 @@ def test_int8_mm_matches_reference(libs, march, m, n, k):
     assert lib.int8_mm(x.to(torch.bfloat16), codes, scale).dtype == torch.bfloat16
 
 
+# (M, N, K): one row; rows past one pass of 12 (MR) and N past one panel of 32 (NP), with a
+# partial panel; K not a multiple of the 32-input run, and odd (a padded pair); all tail; the
+# default model's q shape at a batched decode step.
+GEMM_SHAPES = [(1, 32, 64), (13, 70, 96), (25, 33, 45), (7, 5, 1), (3, 3, 7), (64, 96, 576)]
+
+
+@pytest.mark.parametrize("march", MARCHES)
+@pytest.mark.parametrize("m,n,k", GEMM_SHAPES)
+def test_int8_gemm_matches_reference(libs, march, m, n, k):
+    """Every build: the AVX-512 BF16 panel loop where this CPU has it (-march=native here), the plain
+    C loop elsewhere. x is bfloat16 (the kernel's contract); an int8 is exact in bfloat16, so the
+    only difference from the float32 reference is the order of the float32 sums."""
+    lib = libs[march]
+    codes, scale, x = _case(m, n, k, seed=m * 1000 + n * 10 + k + 7)
+    xb = x.to(torch.bfloat16)
+    ref = F.linear(xb.float(), codes.float() * scale.unsqueeze(1))
+    _check_every_out_dtype(lambda out: lib.int8_gemm(xb, codes, scale, out=out), ref,
+                           atol=1e-5 * ref.abs().max().item(), bf16_slack=1e-6)
+    assert lib.int8_gemm(xb, codes, scale).dtype == torch.bfloat16
+
+
+def test_int8_gemm_rows_do_not_depend_on_the_batch(libs):
+    """A row's result is the same bits alone as among 40 others (each row runs the same sums)."""
+    lib = libs["native"]
+    codes, scale, x = _case(40, 70, 200, seed=3)
+    xb = x.to(torch.bfloat16)
+    whole = lib.int8_gemm(xb, codes, scale, out=torch.empty(40, 70))
+    for i in (0, 11, 12, 39):
+        assert torch.equal(lib.int8_gemm(xb[i:i + 1].contiguous(), codes, scale, out=torch.empty(1, 70)),
+                           whole[i:i + 1])
+
+
 INT4_SHAPES = [(1, 64, 128, 32), (3, 48, 96, 32), (5, 32, 256, 128), (9, 80, 576, 64), (4, 16, 64, 64)]
 
 
@@ -136,11 +168,14 @@ def test_int4_dequant_t_matches_reference(libs, march, m, n, k, group):
             assert ((got.float() - ref).abs() <= step + 1e-6).all()
 
 
-def test_int4_fast_loop_only_where_the_cpu_has_it(libs):
+def test_fast_loops_only_where_the_cpu_has_them(libs):
     if "x86-64" in libs:
-        assert not libs["x86-64"].int4_fast
+        assert not libs["x86-64"].int4_fast and not libs["x86-64"].int8_gemm_fast
+    if "haswell" in libs:
+        assert not libs["haswell"].int8_gemm_fast
     if "native" in libs:
         assert libs["native"].int4_fast == ({"avx512_bf16", "avx512bw"} <= _cpu_flags())
+        assert libs["native"].int8_gemm_fast == ({"avx512_bf16", "avx512bw", "avx512vl"} <= _cpu_flags())
 
 
 @needs_cc
@@ -175,7 +210,7 @@ def test_build_failures_name_the_problem(tmp_path):
     fake = tmp_path / "cc"
     fake.write_text("#!/bin/sh\necho 'fake cc 1.0'\n[ \"$1\" = --version ] && exit 0\necho 'error: broken' >&2\nexit 1\n")
     fake.chmod(0o755)
-    with pytest.raises(RuntimeError, match="failed on gemv.c, layers.c: error: broken"):
+    with pytest.raises(RuntimeError, match="failed on gemv.c, gemm.c, layers.c: error: broken"):
         cpu_native.build(tmp_path / "out", compiler=str(fake))
     assert not list((tmp_path / "out").iterdir())  # the failed build left nothing behind
 
@@ -201,6 +236,7 @@ def test_turned_off_means_torch_kernels_only(native_off, tmp_path):
 
     assert cpu_native.library() is None and "BATCHLM_NATIVE_KERNELS=0" in cpu_native.unavailable_reason()
     assert not qm.available(qm.int8_native_mm, torch.device("cpu"))
+    assert not qm.available(qm.int8_native_gemm, torch.device("cpu"))
     assert qm.available(qm.int8_pack_mm, torch.device("cpu"))
 
     class Layer:  # what the planner reads of a QuantLinear
