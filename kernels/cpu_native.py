@@ -17,8 +17,8 @@ write is refused, not loaded.
 `NativeLib.int8_mm(x [M, K], codes int8 [N, K], scale float32 [N]) -> [M, N]`
 computes `x @ (codes * scale[:, None]).T` in float32, x and the result in
 float32 or bfloat16 (a GEMV for a few rows); `NativeLib.int8_gemm` the same
-for many rows of bfloat16 x (gemm.c: `int8_gemm_fast` says whether this
-build has its AVX-512 BF16 loop); `NativeLib.int4_mm(x, tiles, scale, zero, group_size)`
+for many rows of bfloat16 x, and `int4_gemm` for int4 tiles (gemm.c:
+`gemm_fast` says whether this build has their AVX-512 BF16 loops); `NativeLib.int4_mm(x, tiles, scale, zero, group_size)`
 the same for 4-bit codes in gemv.c's tile layout (`int4_fast`: whether this
 build has the AVX-512 BF16 loop; without it the plain C loop is correct but
 slow, and callers keep torch's own int4 kernel), and `int4_dequant_t` that
@@ -70,7 +70,8 @@ class NativeLib:
         self._int4_dequant_t = _bind(lib.bl_int4_dequant_t, [P, P, P, P, I, I, I, I, I])
         self.int4_fast = bool(lib.bl_int4_fast())  # the AVX-512 BF16 loop, not the plain C one
         self._int8_gemm = _bind(lib.bl_int8_gemm, [P, P, P, P, I, I, I, I, I], ctypes.c_int)
-        self.int8_gemm_fast = bool(lib.bl_int8_gemm_fast())  # likewise
+        self._int4_gemm = _bind(lib.bl_int4_gemm, [P, P, P, P, P, I, I, I, I, I, I], ctypes.c_int)
+        self.gemm_fast = bool(lib.bl_gemm_fast())  # gemm.c's AVX-512 BF16 loops, not the plain C ones
         self._paged_attention = _bind(lib.bl_paged_attention, [P, I, L, P, L, P, L, P, P, P, I, L, I, P, L, P,
                                                                P, P, I, I, I, I, I, F, I, I])
         self._add_rms_norm = _bind(lib.bl_add_rms_norm, [P, L, P, L, P, P, L, I, I, I, F, I])
@@ -98,18 +99,22 @@ class NativeLib:
                   out: torch.Tensor | None = None) -> torch.Tensor:
         """gemm.c's bl_int8_gemm: x [M, K] bfloat16 -> [M, N] bfloat16, or into `out` (float32 or
         bfloat16). codes int8 [N, K] and scale float32 [N] contiguous (not checked: hot path).
-        For many rows; where `int8_gemm_fast` is False it is the plain C loop (slow)."""
-        m, k = x.shape
-        if x.dtype is not torch.bfloat16 or not x.is_contiguous():
-            x = x.to(torch.bfloat16).contiguous()
-        if out is None:
-            out = torch.empty(m, codes.shape[0], dtype=torch.bfloat16)
-        elif out.shape != (m, codes.shape[0]) or out.dtype not in DTYPES or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous float32 or bfloat16 [{m}, {codes.shape[0]}]")
-        if self._int8_gemm(x.data_ptr(), codes.data_ptr(), scale.data_ptr(), out.data_ptr(),
-                           out.dtype is torch.bfloat16, m, codes.shape[0], k, torch.get_num_threads()):
-            raise MemoryError(f"bl_int8_gemm: no memory for its panels ({m}x{k} @ {codes.shape[0]})")
-        return out
+        For many rows; where `gemm_fast` is False it is the plain C loop (slow)."""
+        x, out = _gemm_args(x, codes.shape[0], out)
+        rc = self._int8_gemm(x.data_ptr(), codes.data_ptr(), scale.data_ptr(), out.data_ptr(),
+                             out.dtype is torch.bfloat16, x.shape[0], codes.shape[0], x.shape[1],
+                             torch.get_num_threads())
+        return _gemm_done(rc, out)
+
+    def int4_gemm(self, x: torch.Tensor, tiles: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                  group_size: int, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """gemm.c's bl_int4_gemm: x [M, K] bfloat16 -> [M, n] (the first n channels of the tiles)
+        bfloat16, or into `out`; tiles, scale and zero as int4_mm takes them."""
+        x, out = _gemm_args(x, n, out)
+        rc = self._int4_gemm(x.data_ptr(), tiles.data_ptr(), scale.data_ptr(), zero.data_ptr(), out.data_ptr(),
+                             out.dtype is torch.bfloat16, x.shape[0], n, x.shape[1], group_size,
+                             torch.get_num_threads())
+        return _gemm_done(rc, out)
 
     def int4_mm(self, x: torch.Tensor, tiles: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                 group_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -180,6 +185,23 @@ class NativeLib:
         n, inter = out.shape
         self._silu_mul(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), gate_up.dtype is torch.bfloat16,
                        n, inter, torch.get_num_threads())
+
+
+def _gemm_args(x: torch.Tensor, n: int, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """gemm.c's inputs: x as contiguous bfloat16, out [M, n] contiguous float32 or bfloat16."""
+    if x.dtype is not torch.bfloat16 or not x.is_contiguous():
+        x = x.to(torch.bfloat16).contiguous()
+    if out is None:
+        return x, torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+    if out.shape != (x.shape[0], n) or out.dtype not in DTYPES or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 or bfloat16 [{x.shape[0]}, {n}]")
+    return x, out
+
+
+def _gemm_done(rc: int, out: torch.Tensor) -> torch.Tensor:
+    if rc:
+        raise MemoryError(f"gemm.c: no memory for its weight panels (output {tuple(out.shape)})")
+    return out
 
 
 def _bind(fn, argtypes, restype=None):

@@ -41,14 +41,17 @@ Kernels, chosen per shape and batch size by batchlm.quantization (measured):
 - int4: `int4_native_mm` (Int4Tiles: gemv.c's AVX-512 BF16 GEMV, activations
   rounded to bf16, float32 sums), `int4_native_dequant_mm` (Int4Tiles: gemv.c
   dequantizes the weight transposed, then a bf16/float32 matmul; for many
-  rows), `int4_pack_mm` (Int4Packed:
+  rows), `int4_native_gemm` (Int4Tiles: kernels/native/gemm.c, the
+  weight dequantized a panel at a time in cache, as int4_native_dequant_mm
+  rounds it, then AVX-512 BF16 dot products; bf16 models), `int4_pack_mm` (Int4Packed:
   aten._weight_int4pack_mm_for_cpu, bf16 activations), `int4_dequant_mm`
   (either form).
 - fp8: `fp8_scaled_mm` (torch._scaled_mm, per-row activation scales).
 
 What it does not know: modules, configs, files. No state between calls.
-`available(fn, device, packed)` says whether a kernel runs on a device here,
-on a weight in that packed form (None: any).
+`available(fn, device, packed, dtype)` says whether a kernel runs on a
+device here, on a weight in that packed form, for a model computing in that
+dtype (None: any).
 """
 from __future__ import annotations
 
@@ -264,6 +267,10 @@ def int4_native_dequant_mm(x: torch.Tensor, w: Int4Tiles) -> torch.Tensor:
     return _trim(torch.matmul(x.to(dtype), wt), w.n, x.dtype)
 
 
+def int4_native_gemm(x: torch.Tensor, w: Int4Tiles) -> torch.Tensor:
+    return cpu_native.library().int4_gemm(x, w.tiles, w.scale, w.zero, w.group_size, w.n)  # [M, n] bf16
+
+
 def int4_pack_mm(x: torch.Tensor, w: Int4Packed) -> torch.Tensor:
     xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
     return _trim(torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w.packed, w.group_size, w.sz), w.n, x.dtype)
@@ -294,13 +301,17 @@ def int4_rows(w: Int4Packed | Int4Tiles, rows: torch.Tensor, dtype: torch.dtype)
 
 # ---- where each runs ----------------------------------------------------------
 # ---- where each runs ----------------------------------------------------------
-NATIVE = ("int8_native_mm", "int8_native_gemm", "int4_native_mm", "int4_native_dequant_mm")  # need cpu_native's library, CPU tensors
-LAYOUT = {"int4_native_mm": Int4Tiles, "int4_native_dequant_mm": Int4Tiles,
+NATIVE = ("int8_native_mm", "int8_native_gemm", "int4_native_mm", "int4_native_dequant_mm",
+          "int4_native_gemm")  # need cpu_native's library, CPU tensors
+GEMM = ("int8_native_gemm", "int4_native_gemm")  # gemm.c's: their AVX-512 BF16 loops, bf16 activations
+LAYOUT = {"int4_native_mm": Int4Tiles, "int4_native_dequant_mm": Int4Tiles, "int4_native_gemm": Int4Tiles,
           "int4_pack_mm": Int4Packed}  # the packed form each reads
 
 
-def available(fn, device: torch.device, packed=None) -> bool:
-    """Whether kernel `fn` runs here on a weight packed as `packed` (None: any form)."""
+def available(fn, device: torch.device, packed=None, dtype: torch.dtype | None = None) -> bool:
+    """Whether kernel `fn` runs here on a weight packed as `packed` (None: any form) in a model
+    computing in `dtype` (None: any). gemm.c's kernels take x in bfloat16, so they are offered
+    to bfloat16 models only: a float32 model's activations are not rounded behind its back."""
     name = fn.__name__
     if packed is not None and name in LAYOUT and not isinstance(packed, LAYOUT[name]):
         return False
@@ -308,8 +319,8 @@ def available(fn, device: torch.device, packed=None) -> bool:
         lib = cpu_native.library() if device.type == "cpu" else None
         if lib is None:
             return False
-        if name == "int8_native_gemm":  # its AVX-512 BF16 loop only, on a bf16 model's weights
-            return lib.int8_gemm_fast and (packed is None or packed.scale_c.dtype == torch.bfloat16)
+        if name in GEMM:
+            return lib.gemm_fast and dtype in (None, torch.bfloat16)
     return True
 
 

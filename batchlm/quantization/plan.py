@@ -9,8 +9,8 @@ Where a method has more than one kernel (int8: batchlm's native GEMV where
 it builds (kernels/cpu_native.py), its native many-row kernel on bf16
 models where the CPU has AVX-512 BF16, the int8pack kernel or
 dequantize-then-matmul, with the scales on the output or on the weight;
-int4: batchlm's native GEMV on its own layout where the CPU has AVX-512
-BF16, else the int4pack kernel, or dequantize-then-matmul), each is timed at 1,
+int4: batchlm's native GEMV and many-row kernel on its own layout where the
+CPU has AVX-512 BF16, else the int4pack kernel, or dequantize-then-matmul), each is timed at 1,
 4, 16, 64, 256 and 1024 rows on the layer's own weight (at up to 16 rows on
 copies of it spanning 64 MB, so that it is read cold, as in a decode step;
 one warm-up each,
@@ -58,7 +58,8 @@ CANDIDATES = {
     "int8": (qm.int8_native_mm, qm.int8_native_gemm, qm.int8_pack_mm, qm.int8_dequant_scaled_mm,
              qm.int8_dequant_mm),
     "int8_dynamic": (qm.int8_dynamic_mm,),
-    "int4": (qm.int4_native_mm, qm.int4_pack_mm, qm.int4_native_dequant_mm, qm.int4_dequant_mm),
+    "int4": (qm.int4_native_mm, qm.int4_native_gemm, qm.int4_pack_mm, qm.int4_native_dequant_mm,
+             qm.int4_dequant_mm),
     "fp8": (qm.fp8_scaled_mm,),
 }
 BY_NAME = {fn.__name__: fn for fns in CANDIDATES.values() for fn in fns}
@@ -130,7 +131,7 @@ def cold_copies(packed, rows: int) -> list:
 
 
 def _measure(layer, dtype: torch.dtype, device: torch.device) -> list[tuple[int, str]]:
-    fns = tuple(fn for fn in CANDIDATES[layer.qcfg.method] if qm.available(fn, device, layer.packed))
+    fns = tuple(fn for fn in CANDIDATES[layer.qcfg.method] if qm.available(fn, device, layer.packed, dtype))
     if len(fns) == 1:
         return [(UNBOUNDED, fns[0].__name__)]
     best = []
@@ -163,7 +164,7 @@ def plan_kernels(layers, dtype: torch.dtype, device: torch.device, cache_file: P
                f"g{layer.group_size}:{str(dtype).removeprefix('torch.')}")
         if key not in plans:
             plan = known.get(key)
-            if not plan or any(name not in BY_NAME or not qm.available(BY_NAME[name], device, layer.packed)
+            if not plan or any(name not in BY_NAME or not qm.available(BY_NAME[name], device, layer.packed, dtype)
                                for _, name in plan):
                 plan = _measure(layer, dtype, device)
                 known[key] = plan

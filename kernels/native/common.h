@@ -76,4 +76,12 @@ static inline void st(void *p, int bf16, size_t i, float v) {
     else ((float *)p)[i] = v;
 }
 
+/* the int4 tile layout (gemv.c's contract: 16 channels x 8 inputs per 64 bytes), one code at a time */
+static inline int int4_code(const uint8_t *w, int K, int n, int k) {
+    const uint8_t *tile = w + ((size_t)(n / 16) * (K / 8) + k / 8) * 64;
+    int r = n % 16, i = (k % 8) / 2, p = k % 2, word = 2 * r + p;
+    uint16_t v = (uint16_t)(tile[2 * word] | (tile[2 * word + 1] << 8));
+    return (v >> (4 * i)) & 0xF;
+}
+
 #endif

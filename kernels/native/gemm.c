@@ -9,8 +9,15 @@
  *     x bfloat16 [M, K], w int8 [N, K], scale float32 [N]; y [M, N] float32,
  *     or bfloat16 where y_bf16 (rounded once, to nearest even):
  *     y[m, n] = scale[n] * sum_k x[m, k] * w[n, k]   (float32 sums)
- *   bl_int8_gemm_fast() -> 1 where bl_int8_gemm is the AVX-512 BF16 loop, 0
- *     where it is the plain C one (correct, slow; callers then keep torch's).
+ *   bl_int4_gemm(x, w, scale, zero, y, y_bf16, M, N, K, G, threads) -> 0 or -1
+ *     x bfloat16 [M, K]; w, scale, zero: gemv.c's int4 tiles (16 channels x 8
+ *     inputs per 64 bytes) and bfloat16 [ceil(N / 16), K / G, 16] scales and
+ *     zeros, K a multiple of 8 and of G; y [M, N] as above:
+ *     y[m, n] = sum_k x[m, k] * bf16(scale[n, g] * q[n, k] + zero[n, g]),
+ *     g = k / G: the weight rounded to bfloat16 once, as gemv.c's
+ *     bl_int4_dequant_t writes it (float32 fma, then to nearest even).
+ *   bl_gemm_fast() -> 1 where these are the AVX-512 BF16 loops, 0 where they
+ *     are the plain C ones (correct, slow; callers then keep torch's).
  *
  * Any M, N, K. The output channels are split into panels of NP; the threads
  * take panels in turn (OpenMP, `threads` of them).
@@ -21,7 +28,9 @@
  * then runs every row of x over it: per pair of inputs, two vector loads of
  * the panel and, for each of MR rows, one broadcast of x's pair and two
  * vdpbf16ps (16 channels x one pair each). An int8 is exact in bfloat16, so
- * the panel loses nothing; the scale multiplies the float32 sums once.
+ * an int8 panel loses nothing and its scale multiplies the float32 sums once;
+ * an int4 panel holds the dequantized weight (a shift and a mask of a tile
+ * give 16 channels x one pair of inputs, already in the panel's order).
  *
  * NOTE: why this exists. Dequantize-then-matmul writes the whole weight in
  * bfloat16 to memory each call and reads it back: for the default model's LM
@@ -72,23 +81,6 @@ static inline __m512i widen32(const int8_t *p, int n) {
     return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
 }
 
-/* P[kp][NP] (32-bit pairs) for channels n0 .. n0 + NP - 1; channels past N and the input past
- * an odd K are zeros */
-static void build_panel(const int8_t *w, int N, int K, int n0, uint32_t *P) {
-    for (int g = 0; g < NP / 16; g++)
-        for (int k0 = 0; k0 < K; k0 += 32) {
-            int kk = K - k0 < 32 ? K - k0 : 32;
-            __m512i r[16];
-            for (int c = 0; c < 16; c++) {
-                int n = n0 + 16 * g + c;
-                r[c] = n < N ? widen32(w + (size_t)n * K + k0, kk) : _mm512_setzero_si512();
-            }
-            transpose16(r);  /* r[j]: the 16 channels' pair j of this run of 32 inputs */
-            for (int j = 0; j < (kk + 1) / 2; j++)
-                _mm512_storeu_si512(P + (size_t)(k0 / 2 + j) * NP + 16 * g, r[j]);
-        }
-}
-
 /* mr rows of x (row stride ldx, pairs of bfloat16) against the panel: acc[m][0..1] */
 static inline __attribute__((always_inline)) void panel_rows(const uint16_t *x, size_t ldx, int KP,
                                                              const uint32_t *P, int mr, __m512 acc[MR][2]) {
@@ -122,8 +114,66 @@ static void store16(void *y, int y_bf16, size_t at, __m512 v, __mmask16 mask) {
 
 static inline __mmask16 lanes(int n) { return n >= 16 ? 0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
 
-int bl_int8_gemm(const uint16_t *x_in, const int8_t *w, const float *scale, void *y, int y_bf16,
-                 int M, int N, int K, int threads) {
+/* the weight of a call and the panel builder reading it: P[kp][NP] (32-bit pairs of bfloat16)
+ * for channels n0 .. n0 + NP - 1; channels past N and the input past an odd K are zeros */
+typedef struct {
+    const void *w;
+    const uint16_t *scale, *zero;  /* int4: per 16 channels and group; int8: unused */
+    int N, K, G;
+} weight_t;
+
+static void build_panel_int8(const weight_t *wt, int n0, uint32_t *P) {
+    const int8_t *w = (const int8_t *)wt->w;
+    const int N = wt->N, K = wt->K;
+    for (int g = 0; g < NP / 16; g++)
+        for (int k0 = 0; k0 < K; k0 += 32) {
+            int kk = K - k0 < 32 ? K - k0 : 32;
+            __m512i r[16];
+            for (int c = 0; c < 16; c++) {
+                int n = n0 + 16 * g + c;
+                r[c] = n < N ? widen32(w + (size_t)n * K + k0, kk) : _mm512_setzero_si512();
+            }
+            transpose16(r);  /* r[j]: the 16 channels' pair j of this run of 32 inputs */
+            for (int j = 0; j < (kk + 1) / 2; j++)
+                _mm512_storeu_si512(P + (size_t)(k0 / 2 + j) * NP + 16 * g, r[j]);
+        }
+}
+
+static void build_panel_int4(const weight_t *wt, int n0, uint32_t *P) {
+    const int K = wt->K, G = wt->G, KT = K / 8, NG = K / G, blocks = (wt->N + 15) / 16;
+    const __m512i low4 = _mm512_set1_epi32(0x000F000F), low16 = _mm512_set1_epi32(0xFFFF);
+    /* words 0..15 the first member of each pair, 16..31 the second -> interleaved */
+    const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                           23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (int g = 0; g < NP / 16; g++) {
+        const int b = n0 / 16 + g;
+        uint32_t *out = P + 16 * g;
+        if (b >= blocks) {
+            for (int kp = 0; kp < K / 2; kp++) _mm512_storeu_si512(out + (size_t)kp * NP, _mm512_setzero_si512());
+            continue;
+        }
+        const uint8_t *wb = (const uint8_t *)wt->w + (size_t)b * KT * 64;
+        const uint16_t *sb = wt->scale + (size_t)b * NG * 16, *zb = wt->zero + (size_t)b * NG * 16;
+        for (int t = 0; t < KT; t++) {
+            const int grp = 8 * t / G;
+            const __m512 s = vload_bf16(sb + (size_t)grp * 16), z = vload_bf16(zb + (size_t)grp * 16);
+            const __m512i v = _mm512_loadu_si512((const void *)(wb + (size_t)t * 64));
+            for (int i = 0; i < 4; i++) {
+                /* lane r: the codes of channel r for inputs 8t + 2i (low half) and 8t + 2i + 1 */
+                __m512i q = _mm512_and_si512(_mm512_srli_epi32(v, 4 * i), low4);
+                __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low16)), s, z);
+                __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 16)), s, z);
+                __m512i pr = _mm512_permutexvar_epi16(pairs, (__m512i)_mm512_cvtne2ps_pbh(w1, w0));
+                _mm512_storeu_si512(out + (size_t)(4 * t + i) * NP, pr);
+            }
+        }
+    }
+}
+
+/* y = x @ panel(w).T (times scale[n] where scale is not NULL), panel by panel over the threads */
+static int panel_gemm(const uint16_t *x_in, const weight_t *wt, void (*build)(const weight_t *, int, uint32_t *),
+                      const float *scale, void *y, int y_bf16, int M, int threads) {
+    const int N = wt->N, K = wt->K;
     /* an odd K: x padded with a zero input, so that every row is whole pairs */
     const int KP = (K + 1) / 2;
     const size_t ldx = (size_t)2 * KP;
@@ -148,17 +198,18 @@ int bl_int8_gemm(const uint16_t *x_in, const int8_t *w, const float *scale, void
         for (int b = 0; b < panels; b++) {
             if (!P) continue;
             const int n0 = b * NP;
-            build_panel(w, N, K, n0, P);
+            build(wt, n0, P);
             const __mmask16 k0 = lanes(N - n0), k1 = lanes(N - n0 - 16);
-            const __m512 s0 = _mm512_maskz_loadu_ps(k0, scale + n0), s1 = _mm512_maskz_loadu_ps(k1, scale + n0 + 16);
+            const __m512 s0 = scale ? _mm512_maskz_loadu_ps(k0, scale + n0) : _mm512_set1_ps(1.f);
+            const __m512 s1 = scale ? _mm512_maskz_loadu_ps(k1, scale + n0 + 16) : _mm512_set1_ps(1.f);
             for (int m0 = 0; m0 < M; m0 += MR) {
                 const int mr = M - m0 < MR ? M - m0 : MR;
                 __m512 acc[MR][2];
                 panel_rows_mr(x + (size_t)m0 * ldx, ldx, KP, P, mr, acc);
                 for (int m = 0; m < mr; m++) {
                     size_t at = (size_t)(m0 + m) * N + n0;
-                    store16(y, y_bf16, at, _mm512_mul_ps(acc[m][0], s0), k0);
-                    store16(y, y_bf16, at + 16, _mm512_mul_ps(acc[m][1], s1), k1);
+                    store16(y, y_bf16, at, scale ? _mm512_mul_ps(acc[m][0], s0) : acc[m][0], k0);
+                    store16(y, y_bf16, at + 16, scale ? _mm512_mul_ps(acc[m][1], s1) : acc[m][1], k1);
                 }
             }
         }
@@ -166,6 +217,18 @@ int bl_int8_gemm(const uint16_t *x_in, const int8_t *w, const float *scale, void
     }
     free(xpad);
     return failed ? -1 : 0;
+}
+
+int bl_int8_gemm(const uint16_t *x, const int8_t *w, const float *scale, void *y, int y_bf16,
+                 int M, int N, int K, int threads) {
+    const weight_t wt = {w, NULL, NULL, N, K, 0};
+    return panel_gemm(x, &wt, build_panel_int8, scale, y, y_bf16, M, threads);
+}
+
+int bl_int4_gemm(const uint16_t *x, const uint8_t *w, const uint16_t *scale, const uint16_t *zero, void *y,
+                 int y_bf16, int M, int N, int K, int G, int threads) {
+    const weight_t wt = {w, scale, zero, N, K, G};
+    return panel_gemm(x, &wt, build_panel_int4, NULL, y, y_bf16, M, threads);
 }
 #else
 #define GEMM_FAST 0
@@ -181,6 +244,24 @@ int bl_int8_gemm(const uint16_t *x, const int8_t *w, const float *scale, void *y
         }
     return 0;
 }
+
+int bl_int4_gemm(const uint16_t *x, const uint8_t *w, const uint16_t *scale, const uint16_t *zero, void *y,
+                 int y_bf16, int M, int N, int K, int G, int threads) {
+    const int NG = K / G;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int n = 0; n < N; n++)
+        for (int m = 0; m < M; m++) {
+            float acc = 0.f;
+            for (int k = 0; k < K; k++) {
+                size_t sz = ((size_t)(n / 16) * NG + k / G) * 16 + n % 16;
+                float wv = bf16_to_f32(f32_to_bf16(bf16_to_f32(scale[sz]) * (float)int4_code(w, K, n, k)
+                                                   + bf16_to_f32(zero[sz])));
+                acc += bf16_to_f32(x[(size_t)m * K + k]) * wv;
+            }
+            st(y, y_bf16, (size_t)m * N + n, acc);
+        }
+    return 0;
+}
 #endif
 
-int bl_int8_gemm_fast(void) { return GEMM_FAST; }
+int bl_gemm_fast(void) { return GEMM_FAST; }

@@ -211,14 +211,6 @@ static void int4_tile_block_mb(const uint16_t *xb, const float *xs, const uint8_
 
 int bl_int4_fast(void) { return INT4_FAST; }
 
-static inline int int4_code(const uint8_t *w, int K, int n, int k) {
-    /* the tile layout, one code at a time */
-    const uint8_t *tile = w + ((size_t)(n / 16) * (K / 8) + k / 8) * 64;
-    int r = n % 16, i = (k % 8) / 2, p = k % 2, word = 2 * r + p;
-    uint16_t v = (uint16_t)(tile[2 * word] | (tile[2 * word + 1] << 8));
-    return (v >> (4 * i)) & 0xF;
-}
-
 void bl_int4_mm(const void *x_in, int x_bf16, const uint8_t *w, const uint16_t *scale, const uint16_t *zero,
                 void *y, int y_bf16, int M, int N, int K, int G, int threads) {
     const int NG = K / G;

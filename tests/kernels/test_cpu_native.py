@@ -148,6 +148,28 @@ def test_int4_mm_matches_reference(libs, march, m, n, k, group):
                                atol=2e-5 * ref.abs().max().item(), bf16_slack=1e-5)
 
 
+# (M, N, K, group): as INT4_SHAPES, with rows past one pass of 12 and channels past one panel of 32
+# (80: two and a half 32-channel panels, the last block of 16 alone; 48: a panel and a half)
+INT4_GEMM_SHAPES = [(1, 64, 128, 32), (13, 48, 96, 32), (25, 80, 576, 64), (4, 16, 256, 128)]
+
+
+@pytest.mark.parametrize("march", MARCHES)
+@pytest.mark.parametrize("m,n,k,group", INT4_GEMM_SHAPES)
+def test_int4_gemm_matches_reference(libs, march, m, n, k, group):
+    """The weight rounded to bfloat16 once (the kernel's contract; the float32 dequantized
+    reference rounds to the same bits here), then float32 sums of bfloat16 x: only the order of the
+    sums differs from the reference. A real channel count below the tiles' (n - 3): only it is
+    written (the check of every entry covers the [M, n - 3] output)."""
+    lib = libs[march]
+    w, x = _int4_case(m, n, k, group, seed=m * 100 + n + k + 2)
+    xb = x.to(torch.bfloat16)
+    deq = qm.dequantize_int4(w).to(torch.bfloat16).float()  # [N, K]
+    for real in (n, n - 3):
+        ref = F.linear(xb.float(), deq[:real])
+        _check_every_out_dtype(lambda out: lib.int4_gemm(xb, w.tiles, w.scale, w.zero, group, real, out=out),
+                               ref, atol=1e-5 * ref.abs().max().item(), bf16_slack=1e-6)
+
+
 @pytest.mark.parametrize("march", MARCHES)
 @pytest.mark.parametrize("m,n,k,group", INT4_SHAPES)
 def test_int4_dequant_t_matches_reference(libs, march, m, n, k, group):
@@ -170,12 +192,12 @@ def test_int4_dequant_t_matches_reference(libs, march, m, n, k, group):
 
 def test_fast_loops_only_where_the_cpu_has_them(libs):
     if "x86-64" in libs:
-        assert not libs["x86-64"].int4_fast and not libs["x86-64"].int8_gemm_fast
+        assert not libs["x86-64"].int4_fast and not libs["x86-64"].gemm_fast
     if "haswell" in libs:
-        assert not libs["haswell"].int8_gemm_fast
+        assert not libs["haswell"].gemm_fast
     if "native" in libs:
         assert libs["native"].int4_fast == ({"avx512_bf16", "avx512bw"} <= _cpu_flags())
-        assert libs["native"].int8_gemm_fast == ({"avx512_bf16", "avx512bw", "avx512vl"} <= _cpu_flags())
+        assert libs["native"].gemm_fast == ({"avx512_bf16", "avx512bw", "avx512vl"} <= _cpu_flags())
 
 
 @needs_cc
@@ -237,6 +259,7 @@ def test_turned_off_means_torch_kernels_only(native_off, tmp_path):
     assert cpu_native.library() is None and "BATCHLM_NATIVE_KERNELS=0" in cpu_native.unavailable_reason()
     assert not qm.available(qm.int8_native_mm, torch.device("cpu"))
     assert not qm.available(qm.int8_native_gemm, torch.device("cpu"))
+    assert not qm.available(qm.int4_native_gemm, torch.device("cpu"))
     assert qm.available(qm.int8_pack_mm, torch.device("cpu"))
 
     class Layer:  # what the planner reads of a QuantLinear

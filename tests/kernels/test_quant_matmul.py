@@ -72,6 +72,9 @@ def test_int4_kernels_match_reference(dtype, m, n, k, group):
     if qm.available(qm.int4_native_mm, torch.device("cpu"), t):  # tests/kernels/test_cpu_native.py says why not
         kernels.append((qm.int4_native_mm, TOL[torch.bfloat16]))
         kernels.append((qm.int4_native_dequant_mm, TOL[dtype]))
+    if qm.available(qm.int4_native_gemm, torch.device("cpu"), t, dtype):  # bf16 models, AVX-512 BF16 CPUs
+        kernels.append((qm.int4_native_gemm, TOL[dtype]))
+    assert not qm.available(qm.int4_native_gemm, torch.device("cpu"), t, torch.float32)
     for kernel, tol in kernels:
         out = kernel(x, t)
         assert out.dtype == dtype and out.shape == (m, n)
@@ -93,12 +96,11 @@ def test_int8_kernels_match_reference(dtype, m, n, k):
                (qm.int8_pack_mm, TOL[torch.bfloat16])]
     if qm.available(qm.int8_native_mm, torch.device("cpu")):  # tests/kernels/test_cpu_native.py says why not
         kernels.append((qm.int8_native_mm, TOL[dtype]))
-    if qm.available(qm.int8_native_gemm, torch.device("cpu"), p):  # bf16 models, AVX-512 BF16 CPUs
+    if qm.available(qm.int8_native_gemm, torch.device("cpu"), p, dtype):  # bf16 models, AVX-512 BF16 CPUs
         kernels.append((qm.int8_native_gemm, TOL[dtype]))
     # it takes x in bfloat16, so it is offered to bf16 models only (a float32 model's activations
     # are not rounded behind its back)
-    assert not qm.available(qm.int8_native_gemm, torch.device("cpu"), qm.pack_int8(gq.codes, gq.scale[:, 0],
-                                                                                    torch.float32))
+    assert not qm.available(qm.int8_native_gemm, torch.device("cpu"), p, torch.float32)
     for kernel, tol in kernels:
         out = kernel(x, p)
         assert out.dtype == dtype and out.shape == (m, n)
