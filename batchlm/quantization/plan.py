@@ -18,7 +18,8 @@ then ROUNDS rounds that time every candidate once, in turn; the best time
 of each) and the fastest is kept for batches up to that size;
 larger batches use the choice at 1024 rows. Measured on a 2-core Xeon with
 AMX (2026-11-26): the packed kernels win at a few rows, dequantize-then-matmul
-wins once the matmul is compute-bound; on an AVX2-only EPYC the int8pack
+wins once the matmul is compute-bound (AMX bf16); on a 2-core Zen 4 without AMX
+(2026-11-27) the GEMVs win at 1-4 rows and gemm.c's many-row kernels from 16 up; on an AVX2-only EPYC the int8pack
 kernel was 4-18x slower than fp32 (issue 7), which is why it is measured,
 not assumed.
 

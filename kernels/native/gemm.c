@@ -1,5 +1,5 @@
-/* batchlm native CPU kernels: int8-weight matmuls of many rows (batched
- * decode steps, prefill chunks) on bfloat16 activations.
+/* batchlm native CPU kernels: int8- and int4-weight matmuls of many rows
+ * (batched decode steps, prefill chunks) on bfloat16 activations.
  *
  * Contract (the Python side is kernels/cpu_native.py; the reference is
  * kernels/quant_matmul.py's dequantize-then-F.linear in float32):
@@ -41,6 +41,10 @@
  *   49152x576 at 64 rows  12.2 vs 12.1 vs 34.5;  at 16 rows 4.9 vs 5.5 vs 26.0
  *   3072x576 at 64 rows   0.64 vs 0.65 vs 0.87;  at 1024 rows 8.8 vs 9.2 vs 15.6
  *   576x1536 at 64 rows   0.29 vs 0.32 vs 0.42
+ * int4 (groups of 32) against int4_native_dequant_mm: the LM head at 64 rows 10.0 vs 46.9,
+ * 3072x576 at 2048 rows 18.5 vs 22.7 (README, "Many-row kernels"). On a CPU with AMX,
+ * oneDNN's AMX bf16 matmul of a dequantized weight can beat vdpbf16ps: the planner
+ * (batchlm/quantization/plan.py) times both and keeps the faster per shape and row count.
  */
 #include "common.h"
 
