@@ -86,10 +86,7 @@ class NativeLib:
         m, k = x.shape
         if x.dtype not in DTYPES or not x.is_contiguous():
             x = x.float().contiguous()
-        if out is None:
-            out = torch.empty(m, codes.shape[0], dtype=x.dtype)
-        elif out.shape != (m, codes.shape[0]) or out.dtype not in DTYPES or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous float32 or bfloat16 [{m}, {codes.shape[0]}]")
+        out = _output(out, m, codes.shape[0], x.dtype)
         self._int8_mm(x.data_ptr(), x.dtype is torch.bfloat16, codes.data_ptr(), scale.data_ptr(),
                       out.data_ptr(), out.dtype is torch.bfloat16, m, codes.shape[0], k,
                       torch.get_num_threads())
@@ -125,10 +122,7 @@ class NativeLib:
         n = tiles.shape[0] * 16
         if x.dtype not in DTYPES or not x.is_contiguous():
             x = x.float().contiguous()
-        if out is None:
-            out = torch.empty(m, n, dtype=x.dtype)
-        elif out.shape != (m, n) or out.dtype not in DTYPES or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous float32 or bfloat16 [{m}, {n}]")
+        out = _output(out, m, n, x.dtype)
         self._int4_mm(x.data_ptr(), x.dtype is torch.bfloat16, tiles.data_ptr(), scale.data_ptr(),
                       zero.data_ptr(), out.data_ptr(), out.dtype is torch.bfloat16, m, n, k, group_size,
                       torch.get_num_threads())
@@ -191,11 +185,16 @@ def _gemm_args(x: torch.Tensor, n: int, out: torch.Tensor | None) -> tuple[torch
     """gemm.c's inputs: x as contiguous bfloat16, out [M, n] contiguous float32 or bfloat16."""
     if x.dtype is not torch.bfloat16 or not x.is_contiguous():
         x = x.to(torch.bfloat16).contiguous()
+    return x, _output(out, x.shape[0], n, torch.bfloat16)
+
+
+def _output(out: torch.Tensor | None, m: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A matmul's output: a new [m, n] in dtype, or `out` checked (contiguous float32 or bfloat16)."""
     if out is None:
-        return x, torch.empty(x.shape[0], n, dtype=torch.bfloat16)
-    if out.shape != (x.shape[0], n) or out.dtype not in DTYPES or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous float32 or bfloat16 [{x.shape[0]}, {n}]")
-    return x, out
+        return torch.empty(m, n, dtype=dtype)
+    if out.shape != (m, n) or out.dtype not in DTYPES or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 or bfloat16 [{m}, {n}]")
+    return out
 
 
 def _gemm_done(rc: int, out: torch.Tensor) -> torch.Tensor:

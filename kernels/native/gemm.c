@@ -204,6 +204,7 @@ static int panel_gemm(const uint16_t *x_in, const weight_t *wt, void (*build)(co
             const int n0 = b * NP;
             build(wt, n0, P);
             const __mmask16 k0 = lanes(N - n0), k1 = lanes(N - n0 - 16);
+            /* no scale (int4: in the panel): times 1, exact */
             const __m512 s0 = scale ? _mm512_maskz_loadu_ps(k0, scale + n0) : _mm512_set1_ps(1.f);
             const __m512 s1 = scale ? _mm512_maskz_loadu_ps(k1, scale + n0 + 16) : _mm512_set1_ps(1.f);
             for (int m0 = 0; m0 < M; m0 += MR) {
@@ -212,8 +213,8 @@ static int panel_gemm(const uint16_t *x_in, const weight_t *wt, void (*build)(co
                 panel_rows_mr(x + (size_t)m0 * ldx, ldx, KP, P, mr, acc);
                 for (int m = 0; m < mr; m++) {
                     size_t at = (size_t)(m0 + m) * N + n0;
-                    store16(y, y_bf16, at, scale ? _mm512_mul_ps(acc[m][0], s0) : acc[m][0], k0);
-                    store16(y, y_bf16, at + 16, scale ? _mm512_mul_ps(acc[m][1], s1) : acc[m][1], k1);
+                    store16(y, y_bf16, at, _mm512_mul_ps(acc[m][0], s0), k0);
+                    store16(y, y_bf16, at + 16, _mm512_mul_ps(acc[m][1], s1), k1);
                 }
             }
         }
